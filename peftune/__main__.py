@@ -1,0 +1,3 @@
+from peftune.cli import main
+
+main()

@@ -1,0 +1,455 @@
+"""Recipes: the schema, YAML loading, ``key=value`` overrides and validation.
+
+Config flows one way: a recipe name or path is read as YAML, overrides are applied to that mapping, the
+schema below checks our own keys strictly, and ``check_passthrough`` checks the keys handed to peft and
+``TrainingArguments`` by building those objects. Every default lives here or in ``methods.METHODS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import re
+import shutil
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from peftune.errors import PeftuneError, first_line
+from peftune.methods import METHODS, OWN_KEYS
+from peftune.metrics import BUILTIN
+
+# The `train` block: TrainingArguments keyword arguments. No learning rate here: it comes from the
+# method's block unless the recipe sets `train.learning_rate`, which then applies to every method.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "warmup_steps": 0.06,  # a float below 1 is a fraction of the training steps
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "linear",
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "logging_steps": 50,
+    "report_to": "none",
+}
+
+# TrainingArguments keys that peftune sets itself, and where a recipe sets them instead.
+TRAIN_OWNED = {"output_dir": "the top-level output_dir key", "seed": "the top-level seed key"}
+# Keys that older transformers releases had and that recipes found online still use.
+TRAIN_RENAMED = {
+    "warmup_ratio": "warmup_steps (a float below 1 is a ratio)",
+    "evaluation_strategy": "eval_strategy",
+    "group_by_length": "train_sampling_strategy: group_by_length",
+}
+
+TEXT_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+PACKAGE_SCHEME = "pkg://"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSpec(_Strict):
+    """The pretrained checkpoint to fine-tune."""
+
+    name_or_path: str
+    revision: str | None = None
+    load_in_8bit: bool = False
+    trust_remote_code: bool = False
+
+
+class DataSpec(_Strict):
+    """Where the examples come from and how they become model inputs."""
+
+    source: str | None = None
+    config: str | None = None
+    files: dict[str, str | list[str]] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    validation_size: float = Field(0.1, gt=0, lt=1)
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1, max_length=2)
+    label_column: str = "label"
+    labels: list[str] | None = None
+    problem_type: Literal["classification", "regression"] | None = None
+    max_length: int = Field(128, gt=0)
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _one_column_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DataSpec:
+        if not self.source and not self.files:
+            raise ValueError("data needs a source (a Hub dataset id) or files ({train: path, ...})")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("data.labels has duplicates; list each label name once")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole run: base model, data, method, training arguments."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    seed: int = 42
+    model: ModelSpec
+    data: DataSpec
+    method: Literal["full", "lora", "prefix"] = "lora"
+    full: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    lora: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    prefix: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    train: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    metrics: list[str] | None = Field(None, min_length=1)
+    output_dir: str | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_or_evaluate_metric(cls, names: list[str] | None) -> list[str] | None:
+        # A name close to a built-in metric is a typo; any other name goes to evaluate.load at run time.
+        for name in names or []:
+            hint = _did_you_mean(name, BUILTIN)
+            if name not in BUILTIN and hint:
+                raise ValueError(f"unknown metric {name!r}{hint}")
+        return names
+
+    @field_validator("full", "lora", "prefix", "train", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any, info: Any) -> Any:
+        defaults = TRAIN_DEFAULTS if info.field_name == "train" else METHODS[info.field_name].defaults
+        if value is None:
+            return dict(defaults)
+        return {**defaults, **value} if isinstance(value, dict) else value
+
+    @property
+    def method_block(self) -> dict[str, Any]:
+        """The block of the method this run uses."""
+        return getattr(self, self.method)
+
+    @property
+    def learning_rate(self) -> float:
+        """`train.learning_rate` when the recipe sets it, else the method's own rate."""
+        return self.train.get("learning_rate", self.method_block["learning_rate"])
+
+    def training_arguments(self, output_dir: str) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.TrainingArguments``."""
+        return {**self.train, "learning_rate": self.learning_rate, "seed": self.seed, "output_dir": output_dir}
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML, every default filled in."""
+        return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
+
+
+# --- YAML ---------------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML with the YAML 1.2 readings that matter in a recipe: `5e-4` is a float, only true/false
+    are booleans (`yes`, `no`, `on` stay strings), and a duplicate key is an error."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping_once(loader: _YamlLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node)
+
+
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text safely; `where` names the source in the error message."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PeftuneError(f"{where} is not valid YAML{at}: {problem}; fix the YAML syntax") from None
+
+
+# --- finding and loading ------------------------------------------------------------------------------
+
+
+def recipes_dir() -> Path:
+    """The folder of shipped recipes: inside the installed wheel, or `recipes/` of a source checkout."""
+    packaged = Path(__file__).parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipe names and their files: a folder listing, no registry."""
+    return {path.stem: path for path in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def find_recipe(ref: str) -> Path:
+    """A recipe file from a path or a shipped recipe's name."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if ref in shipped:
+        return shipped[ref]
+    if path.suffix in (".yaml", ".yml") or os.sep in ref:
+        raise PeftuneError(f"recipe file {ref} not found; check the path, or run `peftune recipes` for names")
+    raise PeftuneError(
+        f"unknown recipe {ref!r}{_did_you_mean(ref, shipped)}; "
+        "run `peftune recipes` for the shipped ones, or give a path to a YAML file"
+    )
+
+
+def load_recipe(ref: str, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe (name or path), apply `key=value` overrides, and check it against the schema."""
+    path = find_recipe(ref)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PeftuneError(f"cannot read recipe {path}: {err}; check the file") from None
+    raw = parse_yaml(text, f"recipe {path}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PeftuneError(f"recipe {path} must be a YAML mapping of keys to values, not a {type(raw).__name__}")
+    _anchor_paths(raw, path.parent)
+    for item in overrides:
+        apply_override(raw, item)
+    _anchor_paths(raw, Path.cwd())
+    raw.setdefault("name", path.stem)
+    return parse_recipe(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one `dotted.key=value` override in a raw recipe mapping; the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise PeftuneError(f"override {item!r} is not key=value; write it like train.num_train_epochs=1")
+    value = parse_yaml(text, f"the value of override {key}") if text.strip() else None
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            parent = ".".join(parts[: depth + 1])
+            raise PeftuneError(f"override {key}: {parent} is {child!r}, not a mapping; override {parent} itself")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    """Validate a raw recipe mapping against the schema; one clear line on the first problem."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise PeftuneError(_schema_message(err, raw)) from None
+
+
+def check_passthrough(recipe: Recipe) -> None:
+    """Check the keys passed to peft and TrainingArguments by building those objects (no weights load)."""
+    import peft
+    from transformers import TrainingArguments
+
+    for name, method in METHODS.items():
+        block = getattr(recipe, name)
+        if method.peft_config_class is None:
+            _check_keys(name, block, set(OWN_KEYS), {})
+            continue
+        config_class = getattr(peft, method.peft_config_class)
+        known = {f.name for f in dataclasses.fields(config_class) if f.init} | set(OWN_KEYS)
+        _check_keys(name, block, known - {"task_type"}, {"task_type": "peftune sets it (sequence classification)"})
+        _check_types(name, block, config_class)
+        try:
+            method.peft_config(block)
+        except (TypeError, ValueError) as err:
+            raise PeftuneError(f"{name}: {first_line(err)}; fix the {name} block") from None
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    _check_keys("train", recipe.train, known - set(TRAIN_OWNED), {**TRAIN_OWNED, **TRAIN_RENAMED})
+    _check_types("train", recipe.train, TrainingArguments)
+    try:
+        TrainingArguments(**recipe.training_arguments(output_dir="unused"))
+    except (TypeError, ValueError) as err:
+        raise PeftuneError(f"train: {first_line(err)}; fix the train block") from None
+
+
+@dataclass(frozen=True)
+class RecipeSummary:
+    """One line of `peftune recipes`."""
+
+    name: str
+    task: str
+    model: str
+    method: str
+    description: str
+
+
+def list_recipes() -> list[RecipeSummary]:
+    """Summaries of the shipped recipes, by name."""
+    summaries = []
+    for name, path in shipped_recipes().items():
+        recipe = load_recipe(str(path))
+        first_file = next(iter(recipe.data.files.values()), None) if recipe.data.files else None
+        if isinstance(first_file, list):
+            first_file = first_file[0]
+        task = recipe.data.config or recipe.data.source or Path(str(first_file)).parent.name
+        summaries.append(RecipeSummary(name, task, recipe.model.name_or_path, recipe.method, recipe.description))
+    return summaries
+
+
+def copy_recipe(ref: str, dest: str | Path, force: bool = False) -> Path:
+    """Copy a recipe file (comments and all) to `dest`, a file or a folder; refuse to overwrite unless forced."""
+    source = find_recipe(ref)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not force:
+        raise PeftuneError(f"{target} already exists; choose another destination or pass --force to overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def local_path(value: str, key: str) -> str:
+    """Expand `$VARS` and `pkg://package/path` in a path-like recipe value (`key` names it in errors)."""
+    expanded = os.path.expandvars(value)
+    unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        var = unset.group(1)
+        raise PeftuneError(f"{key} uses ${var}, which is not set; export {var}=... or override {key}=PATH")
+    if not expanded.startswith(PACKAGE_SCHEME):
+        return expanded
+    package, _, inner = expanded[len(PACKAGE_SCHEME) :].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        dist = package.replace("_", "-")
+        raise PeftuneError(
+            f"{key} refers to Python package {package!r}, which is not installed; pip install {dist}"
+        ) from None
+    return str(root / inner) if inner else str(root)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _anchor_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative data files (and `./`-style model paths) absolute, relative to `base`."""
+
+    def anchor(path: Any) -> Any:
+        if not isinstance(path, str) or "$" in path or "://" in path or os.path.isabs(os.path.expanduser(path)):
+            return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+        return str((base / path).resolve())
+
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("files"), dict):
+        data["files"] = {
+            split: [anchor(p) for p in paths] if isinstance(paths, list) else anchor(paths)
+            for split, paths in data["files"].items()
+        }
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        name = model["name_or_path"]
+        if name.startswith(("./", "../", "~")):
+            model["name_or_path"] = anchor(name)
+
+
+def _check_keys(block: str, values: dict[str, Any], known: set[str], refused: dict[str, str]) -> None:
+    for key in values:
+        if key in refused:
+            raise PeftuneError(f"{block}.{key} is not accepted here; use {refused[key]}")
+        if key not in known:
+            raise PeftuneError(f"unknown key {block}.{key}{_did_you_mean(key, known)}; fix the {block} block")
+
+
+def _check_types(block: str, values: dict[str, Any], config_class: type) -> None:
+    """Check values against the annotations of the dataclass they are passed to (peft checks few itself)."""
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError as err:
+            message = err.errors()[0]["msg"]
+            raise PeftuneError(
+                f"{block}.{key}: {message[0].lower()}{message[1:]}, got {value!r}; fix the {block} block"
+            ) from None
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _schema_message(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = _data_location(first["loc"], raw)
+    key = ".".join(str(part) for part in loc) or "recipe"
+    if first["type"] == "extra_forbidden":
+        known = _schema_keys(loc[:-1])
+        return f"unknown recipe key {key}{_did_you_mean(str(loc[-1]), known)}; fix or remove it"
+    if first["type"] == "missing":
+        return f"recipe key {key} is required; add it to the recipe or pass {key}=..."
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"].endswith("_type") or first["type"] in ("literal_error", "string_pattern_mismatch"):
+        return f"recipe key {key}: {message[0].lower()}{message[1:]}, got {first.get('input')!r}"
+    return f"recipe key {key}: {message}" if loc else message
+
+
+def _data_location(loc: tuple, raw: Any) -> tuple:
+    """The part of a pydantic error location that names real keys (it also names union members)."""
+    kept, node = [], raw
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
+            node = node[part]
+        elif node is raw or isinstance(node, dict):
+            node = None  # a key that is not in the data (missing, or unknown and already reported)
+        else:
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _schema_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

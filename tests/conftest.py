@@ -1,0 +1,66 @@
+"""Shared fixtures: offline Hugging Face settings, tiny models, small data sets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before any Hugging Face library is imported: nothing may reach the Hub, and the datasets cache of the
+# test session is its own.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="peftune-datasets-"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest
+import tiny
+
+SHARED_DATA = Path(os.environ.get("PEFTUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """A function that returns the folder of a tiny random model of an architecture, built once a session."""
+    built: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{architecture}")
+            built[architecture] = tiny.save_tiny_model(architecture, folder)
+        return built[architecture]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models("bert")
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """64 training and 32 validation reviews (string labels negative/positive) as CSV files."""
+    folder = tmp_path_factory.mktemp("reviews")
+    return tiny.write_reviews(folder / "train.csv", 64), tiny.write_reviews(folder / "validation.csv", 32, start=64)
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test inside its own temporary folder (runs/ and copies land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def shared_data():
+    """A function giving a task's folder of ../shared/data, skipping the test where it is absent."""
+
+    def get(task: str) -> Path:
+        folder = SHARED_DATA / task
+        if not folder.is_dir():
+            pytest.skip(f"{folder} not present (real data lives beside the checkout, never in it)")
+        return folder
+
+    return get
