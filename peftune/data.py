@@ -1,0 +1,259 @@
+"""Data: load local files or Hub datasets, map labels, tokenize single sentences and pairs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftune.errors import PeftuneError, first_line
+from peftune.recipe import DataSpec, local_path
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+log = logging.getLogger(__name__)
+
+# Loader and default options by file extension (after dropping a compression suffix such as .gz).
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Tab-separated files have no quoting convention: a bare `"` in the text is just a character.
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3, "keep_default_na": False}),
+    # keep_default_na=False: a sentence that reads "NA" or "null" stays text.
+    ".csv": ("csv", {"keep_default_na": False}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The label space: class names in id order, or none for regression."""
+
+    names: tuple[str, ...] | None
+    # For classification data whose labels are not the names themselves: raw value -> class id.
+    values: dict[str, int] | None = None
+
+    @property
+    def problem_type(self) -> str:
+        return "regression" if self.names is None else "classification"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.names is None else len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {0: "score"} if self.names is None else dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
+    def encode(self, value: Any) -> int | float:
+        """The model's training target for one raw label value."""
+        if self.names is None:
+            return float(value)
+        key = _label_key(value)
+        return self.values[key] if self.values is not None else self.names.index(key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "problem_type": self.problem_type,
+            "id2label": {str(i): name for i, name in self.id2label.items()},
+            "label2id": self.label2id,
+            "values": self.values,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Labels:
+        if data["problem_type"] == "regression":
+            return cls(names=None)
+        names = tuple(data["id2label"][str(i)] for i in range(len(data["id2label"])))
+        return cls(names=names, values=data.get("values"))
+
+    @classmethod
+    def read(cls, path: Path) -> Labels:
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def load_splits(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
+    """Load the train and eval splits, carving a seeded eval split out of train when there is none."""
+    splits = _load(spec)
+    if spec.train_split not in splits:
+        raise PeftuneError(
+            f"data has no split {spec.train_split!r} (it has: {', '.join(splits)}); set data.train_split"
+        )
+    train = splits[spec.train_split]
+    if spec.eval_split in splits:
+        evaluation = splits[spec.eval_split]
+    else:
+        log.warning(
+            "data has no %r split (it has: %s): holding out %.0f%% of %r as the eval split (seed %d)",
+            spec.eval_split, ", ".join(splits), spec.validation_size * 100, spec.train_split, seed,
+        )  # fmt: skip
+        held_out = train.train_test_split(test_size=spec.validation_size, seed=seed)
+        train, evaluation = held_out["train"], held_out["test"]
+    _check_split(spec, "train", train)
+    _check_split(spec, "eval", evaluation)
+    train = _subsample(train, spec.max_train_samples, seed)
+    evaluation = _subsample(evaluation, spec.max_eval_samples, seed)
+    return train, evaluation
+
+
+def infer_labels(spec: DataSpec, train: Dataset, evaluation: Dataset) -> Labels:
+    """The label space from the recipe (`data.labels`, `data.problem_type`) and the data itself."""
+    from datasets import ClassLabel, Value
+
+    feature = train.features[spec.label_column]
+    is_float = isinstance(feature, Value) and feature.dtype.startswith("float")
+    problem_type = spec.problem_type or ("regression" if is_float and spec.labels is None else "classification")
+    if problem_type == "regression":
+        if not (isinstance(feature, Value) and (is_float or feature.dtype.startswith("int"))):
+            raise PeftuneError(
+                f"regression needs numeric labels, but column {spec.label_column!r} holds {feature}; "
+                "set data.problem_type: classification"
+            )
+        return Labels(names=None)
+
+    if isinstance(feature, ClassLabel):
+        names = tuple(spec.labels or feature.names)
+        if len(names) != feature.num_classes:
+            raise PeftuneError(
+                f"data.labels names {len(names)} classes but the dataset has {feature.num_classes}; fix data.labels"
+            )
+        return Labels(names=names, values={str(i): i for i in range(len(names))})
+
+    seen = {value for split in (train, evaluation) for value in split.unique(spec.label_column)}
+    if any(isinstance(value, float) and not value.is_integer() for value in seen):
+        raise PeftuneError(f"column {spec.label_column!r} holds fractional numbers; set data.problem_type: regression")
+    seen_keys = {_label_key(value) for value in seen}
+    numeric = all(isinstance(value, (int, float)) for value in seen)
+    if spec.labels is not None:
+        names = tuple(spec.labels)
+        if numeric and seen_keys - set(names):
+            # Integer labels index into data.labels.
+            bad = sorted(int(k) for k in seen_keys if not k.isdigit() or int(k) >= len(names))
+            if bad:
+                raise PeftuneError(
+                    f"label {bad[0]} in column {spec.label_column!r} is not an index into data.labels "
+                    f"({len(names)} names); add names to data.labels or fix the data"
+                )
+            return Labels(names=names, values={str(i): i for i in range(len(names))})
+        unknown = sorted(seen_keys - set(names))
+        if unknown:
+            raise PeftuneError(
+                f"label {unknown[0]!r} in column {spec.label_column!r} is not in data.labels {list(names)}; "
+                "add it to data.labels or fix the data"
+            )
+        return Labels(names=names)
+    if numeric:
+        ordered = sorted(seen_keys, key=int)
+        if ordered == [str(i) for i in range(len(ordered))]:
+            return Labels(names=tuple(ordered))
+        return Labels(names=tuple(ordered), values={key: i for i, key in enumerate(ordered)})
+    return Labels(names=tuple(sorted(seen_keys)))
+
+
+def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, split_name: str) -> Dataset:
+    """Tokenize one split with `datasets.map` (batched, cached); padding is left to the collator."""
+    columns = spec.text_columns
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        for column in columns:
+            for text in batch[column]:
+                if not isinstance(text, str):
+                    raise PeftuneError(
+                        f"split {split_name!r} has a row whose {column!r} is {text!r}, not text; "
+                        "remove or fix such rows in the data"
+                    )
+        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=spec.max_length)
+        encoded["labels"] = [labels.encode(value) for value in batch[spec.label_column]]
+        return encoded
+
+    return split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {split_name}")
+
+
+def _load(spec: DataSpec) -> Any:
+    import datasets
+
+    options = dict(spec.options)
+    data_files = None
+    path = spec.source
+    if spec.files:
+        data_files = {}
+        for split, value in spec.files.items():
+            paths = [value] if isinstance(value, str) else value
+            data_files[split] = [local_path(p, f"data.files.{split}") for p in paths]
+            for file in data_files[split]:
+                if "://" not in file and not os.path.exists(file):
+                    raise PeftuneError(f"data file not found: {file} (data.files.{split}); fix the path")
+        loader, defaults = _format_of(data_files)
+        if path is None or path == loader:
+            path = loader
+            options = {**defaults, **options}
+    assert path is not None
+    try:
+        return datasets.load_dataset(path, spec.config, data_files=data_files, **options)
+    except PeftuneError:
+        raise
+    except Exception as err:  # datasets raises many types: missing Hub access, parse errors, bad options
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(err))
+        if empty:
+            raise PeftuneError(f"split {empty.group(1)!r} is empty; check its data files") from None
+        where = f"{path!r}" + (f" (config {spec.config!r})" if spec.config else "")
+        message = first_line(err)
+        hint = "set data.files to local files" if spec.files is None else "check data.files and data.options"
+        raise PeftuneError(f"could not load dataset {where}: {message}; {hint}") from None
+
+
+def _format_of(data_files: dict[str, list[str]]) -> tuple[str, dict[str, Any]]:
+    formats = set()
+    for paths in data_files.values():
+        for file in paths:
+            name = file.lower()
+            for suffix in COMPRESSION:
+                name = name.removesuffix(suffix)
+            extension = os.path.splitext(name)[1]
+            if extension not in FORMATS:
+                raise PeftuneError(
+                    f"cannot tell the format of {file}: use one of {', '.join(FORMATS)} "
+                    "(optionally .gz), or set data.source to a datasets loader name"
+                )
+            formats.add(extension)
+    loaders = {FORMATS[ext][0] for ext in formats}
+    if len(loaders) > 1:
+        raise PeftuneError(f"data.files mixes formats ({', '.join(sorted(formats))}); use one format for all splits")
+    extension = sorted(formats)[0]
+    return FORMATS[extension]
+
+
+def _check_split(spec: DataSpec, role: str, split: Dataset) -> None:
+    name = spec.train_split if role == "train" else spec.eval_split
+    if len(split) == 0:
+        raise PeftuneError(f"split {name!r} is empty; check the data files or data.{role}_split")
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in split.column_names]
+    if missing:
+        key = "data.label_column" if missing[0] == spec.label_column else "data.text_columns"
+        raise PeftuneError(
+            f"split {name!r} has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); set {key}"
+        )
+
+
+def _subsample(split: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(limit))
+
+
+def _label_key(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
