@@ -1,0 +1,90 @@
+"""The run folder: the one module that knows its file names.
+
+A run folder describes itself: every later command needs nothing but the folder. `metrics.json` is
+written last, under a temporary name and then renamed, so its presence marks a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftune.errors import PeftuneError
+
+RECIPE_FILE = "recipe.yaml"  # the fully resolved recipe
+LABELS_FILE = "labels.json"  # id2label / label2id and the problem type
+METRICS_FILE = "metrics.json"  # eval metrics, parameters, time, memory, versions; written last
+ADAPTER_DIR = "adapter"  # adapter methods: peft adapter with the classifier head, and the tokenizer
+MODEL_DIR = "model"  # full fine-tuning: a standalone transformers model folder, and the tokenizer
+CHECKPOINTS_DIR = "checkpoints"  # Trainer checkpoints
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run folder."""
+
+    path: Path
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    @property
+    def labels_file(self) -> Path:
+        return self.path / LABELS_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    def weights_dir(self, is_adapter: bool) -> Path:
+        """Where the trained weights live for an adapter or a full run."""
+        return self.adapter_dir if is_adapter else self.model_dir
+
+    def is_complete(self) -> bool:
+        """True once training finished and every file was written."""
+        return self.metrics_file.is_file()
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a file atomically: a reader sees the old file or the whole new one, never a part."""
+        target = self.path / name
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def read_metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_file.read_text(encoding="utf-8"))
+
+
+def open_run(path: str | Path) -> RunDir:
+    """A complete run folder, or a clear error saying why it cannot be used."""
+    run = RunDir(Path(path))
+    if not run.path.is_dir():
+        raise PeftuneError(f"run folder {run.path} not found; give the folder that `peftune train` wrote")
+    if not run.recipe_file.is_file():
+        raise PeftuneError(f"{run.path} is not a peftune run folder (no {RECIPE_FILE}); check the path")
+    if not run.is_complete():
+        raise PeftuneError(
+            f"{run.path} holds an incomplete run (no {METRICS_FILE}): training did not finish; "
+            "run `peftune train` again"
+        )
+    return run

@@ -1,0 +1,188 @@
+"""Training: build the Trainer from a recipe, run it, and write the run folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from peftune import data, metrics, modeling, rundir
+from peftune.errors import PeftuneError
+from peftune.methods import METHODS
+from peftune.recipe import Recipe, check_passthrough
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("peftune", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """`output_dir` from the recipe, else `runs/<name>`."""
+    return Path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe.name
+
+
+def train(
+    recipe: Recipe,
+    output_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+) -> rundir.RunDir:
+    """Fine-tune the recipe's model on its data and write a complete run folder; return it."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    run = rundir.RunDir(Path(output_dir) if output_dir else default_run_dir(recipe))
+    if run.is_complete() and not overwrite:
+        raise PeftuneError(
+            f"{run.path} already holds a complete run; pass --overwrite to replace it or --output-dir elsewhere"
+        )
+    check_passthrough(recipe)
+    set_seed(recipe.seed)
+
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    train_raw, eval_raw = data.load_splits(recipe.data, recipe.seed)
+    labels = data.infer_labels(recipe.data, train_raw, eval_raw)
+    metric_names = recipe.metrics or metrics.default_metrics(labels.problem_type)
+    metrics.check_metrics(metric_names, labels.problem_type)
+    train_set = data.tokenize(train_raw, tokenizer, recipe.data, labels, recipe.data.train_split)
+    eval_set = data.tokenize(eval_raw, tokenizer, recipe.data, labels, recipe.data.eval_split)
+    log.info(
+        "%s: %d train / %d eval examples, %s", recipe.name, len(train_set), len(eval_set),
+        f"{labels.num_labels} labels" if labels.names else "regression",
+    )  # fmt: skip
+
+    base, fresh = modeling.load_base_model(recipe.model, labels)
+    model = modeling.attach_method(base, recipe, fresh)
+    trainable, total = modeling.count_parameters(model)
+    log.info("method %s: %s of %s parameters trainable (%.2f%%)", recipe.method, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)  # fmt: skip
+
+    if run.path.exists() and overwrite:
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
+
+    primary = metric_names[0]
+    on_gpu = torch.cuda.is_available()
+    arguments = _with_best_model_metric(recipe.training_arguments(str(run.checkpoints_dir)), primary)
+    arguments.setdefault("dataloader_pin_memory", on_gpu)
+    args = TrainingArguments(**arguments)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
+        processing_class=tokenizer,
+        compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
+    )
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    history = _eval_history(trainer.state.log_history)
+    if history and history[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
+        eval_metrics = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
+    else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
+        eval_metrics = _eval_metrics(trainer.evaluate())
+
+    weights = run.weights_dir(METHODS[recipe.method].is_adapter)
+    model.save_pretrained(str(weights))  # the object Trainer trained, best checkpoint loaded into it
+    tokenizer.save_pretrained(weights)
+    run.write_json(rundir.LABELS_FILE, labels.to_json())
+
+    record = {
+        "name": recipe.name,
+        "method": recipe.method,
+        "base_model": recipe.model.name_or_path,
+        "problem_type": labels.problem_type,
+        "num_labels": labels.num_labels,
+        "primary_metric": {"name": primary, "value": eval_metrics.get(primary)},
+        "eval": eval_metrics,
+        "eval_history": history,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "fresh_modules": fresh,
+        "learning_rate": recipe.learning_rate,
+        "train_samples": len(train_set),
+        "eval_samples": len(eval_set),
+        "global_steps": trainer.state.global_step,
+        "train_runtime_s": round(train_seconds, 3),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_loss": result.metrics.get("train_loss"),
+        "peak_memory_mb": _peak_memory_mb(on_gpu),
+        "peak_memory_kind": "cuda_max_allocated" if on_gpu else "process_max_rss",
+        "model_memory_mb": round(modeling_footprint(model) / 2**20, 2),
+        "device": str(args.device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "versions": library_versions(),
+        "overrides": list(overrides),
+        "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    run.write_json(rundir.METRICS_FILE, record)  # last: its presence marks the run complete
+    return run
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run depends on."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def modeling_footprint(model: Any) -> int:
+    """Bytes held by the model's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _with_best_model_metric(kwargs: dict[str, Any], primary: str) -> dict[str, Any]:
+    """Keeping the best checkpoint ranks by the primary metric unless the recipe names another."""
+    if kwargs.get("load_best_model_at_end") and not kwargs.get("metric_for_best_model"):
+        kwargs = {**kwargs, "metric_for_best_model": f"eval_{primary}"}
+        kwargs.setdefault("greater_is_better", primary not in metrics.LOWER_IS_BETTER)
+    return kwargs
+
+
+def _eval_metrics(logged: dict[str, Any]) -> dict[str, Any]:
+    """Metric values from a Trainer evaluation log entry, without the `eval_` prefix and timings."""
+    return {
+        key.removeprefix("eval_"): value
+        for key, value in logged.items()
+        if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second"))
+    }
+
+
+def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per evaluation during training: step, epoch and the metrics."""
+    return [
+        {"step": entry["step"], "epoch": entry.get("epoch"), **_eval_metrics(entry)}
+        for entry in log_history
+        if "eval_loss" in entry
+    ]
+
+
+def _peak_memory_mb(on_gpu: bool) -> float:
+    if on_gpu:
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)

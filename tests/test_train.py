@@ -1,0 +1,191 @@
+"""`train` end to end on tiny models: the run folder contract that every later command relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+import yaml
+
+from peftune.errors import PeftuneError
+from peftune.recipe import load_recipe
+from peftune.rundir import open_run
+from peftune.train import train
+
+
+def eval_loss_and_accuracy(model, tokenizer, texts: list[str], targets: list) -> tuple[float, float]:
+    """Mean cross-entropy (or MSE) and accuracy of a reloaded model on the eval texts, in one batch."""
+    model.eval()
+    batch = tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    if logits.shape[-1] == 1:
+        target = torch.tensor(targets, dtype=torch.float32)
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), target).item(), float("nan")
+    target = torch.tensor(targets)
+    loss = torch.nn.functional.cross_entropy(logits, target).item()
+    return loss, (logits.argmax(-1) == target).float().mean().item()
+
+
+def eval_rows(path: Path) -> tuple[list[str], list[str]]:
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def run_recipe(tmp_path: Path, model_dir: Path, reviews, *overrides: str, **extra) -> Path:
+    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", model_dir, *reviews, **extra)
+    run = train(load_recipe(str(recipe_file), overrides), output_dir=tmp_path / "run", overrides=overrides)
+    return run.path
+
+
+def test_lora_run_folder_reloads_to_the_same_model(tmp_path, tiny_bert, reviews):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    run = run_recipe(tmp_path, tiny_bert, reviews, "train.num_train_epochs=2", "seed=3")
+
+    assert {p.name for p in run.iterdir()} >= {"recipe.yaml", "labels.json", "metrics.json", "adapter", "checkpoints"}
+    adapter = run / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer_config.json").is_file()
+    assert not list(adapter.glob("*.bin")), "weights are safetensors"
+    assert list((run / "checkpoints").glob("checkpoint-*"))
+
+    resolved = load_recipe(str(run / "recipe.yaml"))
+    assert resolved == load_recipe(str(tmp_path / "recipe.yaml"), ["train.num_train_epochs=2", "seed=3"])
+    assert resolved.lora["r"] == 16, "the defaults are written out"
+
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "negative", "1": "positive"}
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "lora" and metrics["primary_metric"]["name"] == "accuracy"
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
+    assert metrics["trainable_share"] == pytest.approx(metrics["trainable_parameters"] / metrics["total_parameters"])
+    assert [e["epoch"] for e in metrics["eval_history"]] == [1.0, 2.0]
+    assert metrics["learning_rate"] == pytest.approx(1e-3)
+    assert metrics["global_steps"] == 16 and metrics["train_samples"] == 64 and metrics["eval_samples"] == 32
+    assert metrics["overrides"] == ["train.num_train_epochs=2", "seed=3"]
+    assert {"torch", "transformers", "peft", "python"} <= set(metrics["versions"])
+    assert metrics["peak_memory_mb"] > 0 and metrics["train_runtime_s"] > 0
+    assert metrics["fresh_modules"] == ["classifier"]
+
+    # The adapter folder loads with stock peft, no arguments, and is the model that was evaluated.
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter)
+    texts, names = eval_rows(reviews[1])
+    loss, accuracy = eval_loss_and_accuracy(
+        model, AutoTokenizer.from_pretrained(adapter), texts, [labels["label2id"][n] for n in names]
+    )
+    assert loss == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
+    assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
+
+
+def test_full_run_is_a_standalone_model_with_its_labels(tmp_path, tiny_bert, reviews):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    run = run_recipe(tmp_path, tiny_bert, reviews, "method=full")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert metrics["learning_rate"] == pytest.approx(5e-5), "full fine-tuning gets its own default rate"
+    assert not (run / "adapter").exists()
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    texts, names = eval_rows(reviews[1])
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    loss, accuracy = eval_loss_and_accuracy(model, tokenizer, texts, [model.config.label2id[n] for n in names])
+    assert loss == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
+    assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
+    predictions = pipeline("text-classification", model=str(run / "model"))(texts[:4])
+    assert {p["label"] for p in predictions} <= {"negative", "positive"}
+
+
+def test_multiclass_pairs_on_roberta(tmp_path, tiny_models):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = tiny.corpus()[:60]
+    rows = [
+        {"premise": t, "hypothesis": texts[(i + 1) % 60], "label": ["a", "b", "c"][i % 3]} for i, t in enumerate(texts)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:45]))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[45:]))
+    base = tiny_models("roberta")
+    recipe_file = tiny.write_recipe(
+        tmp_path / "r.yaml", base, tmp_path / "train.jsonl", tmp_path / "dev.jsonl",
+        data__text_columns=["premise", "hypothesis"], data__labels=["c", "b", "a"],
+    )  # fmt: skip
+    run = train(load_recipe(str(recipe_file)), output_dir=tmp_path / "run").path
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_labels"] == 3 and metrics["eval"]["f1"] >= 0
+    assert metrics["fresh_modules"] == ["classifier"], "RoBERTa's head is two layers, trained as one module"
+
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "c", "1": "b", "2": "a"}
+    head = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=3, id2label={0: "c", 1: "b", 2: "a"}, label2id={"c": 0, "b": 1, "a": 2}
+    )
+    model = PeftModel.from_pretrained(head, run / "adapter")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    batch = tokenizer(
+        [r["premise"] for r in rows[45:]], [r["hypothesis"] for r in rows[45:]],
+        truncation=True, max_length=32, padding=True, return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        logits = model(**batch).logits
+    target = torch.tensor([labels["label2id"][r["label"]] for r in rows[45:]])
+    assert torch.nn.functional.cross_entropy(logits, target).item() == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
+
+
+def test_regression_run(tmp_path, tiny_bert):
+    rows = [{"text": t, "score": (i % 11) / 2} for i, t in enumerate(tiny.corpus()[:48])]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    recipe_file = tiny.write_recipe(
+        tmp_path / "r.yaml", tiny_bert, tmp_path / "train.jsonl", tmp_path / "dev.jsonl", data__label_column="score"
+    )
+    run = train(load_recipe(str(recipe_file)), output_dir=tmp_path / "run").path
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["problem_type"] == "regression" and metrics["num_labels"] == 1
+    assert metrics["primary_metric"]["name"] == "pearson" and "spearmanr" in metrics["eval"]
+
+
+def test_a_failed_run_never_looks_complete(tmp_path, tiny_bert, reviews, monkeypatch):
+    from transformers import Trainer
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("simulated crash mid-training")
+
+    monkeypatch.setattr(Trainer, "train", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(tmp_path, tiny_bert, reviews)
+    run = tmp_path / "run"
+    assert (run / "recipe.yaml").is_file() and not (run / "metrics.json").exists()
+    with pytest.raises(PeftuneError, match="incomplete run"):
+        open_run(run)
+
+
+def test_a_complete_run_is_not_overwritten(tmp_path, tiny_bert, reviews):
+    run = run_recipe(tmp_path, tiny_bert, reviews)
+    before = (run / "metrics.json").read_text()
+    with pytest.raises(PeftuneError, match="already holds a complete run; pass --overwrite"):
+        run_recipe(tmp_path, tiny_bert, reviews)
+    assert (run / "metrics.json").read_text() == before
+    recipe = load_recipe(str(tmp_path / "recipe.yaml"), ["seed=5"])
+    train(recipe, output_dir=run, overwrite=True)
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["seed"] == 5
+
+
+def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_bert, reviews):
+    recipe_file = tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews, data__text_columns=["sentence"])
+    with pytest.raises(PeftuneError, match="has no column 'sentence'"):
+        train(load_recipe(str(recipe_file)), output_dir=tmp_path / "run")
+    with pytest.raises(PeftuneError, match=r"cannot load the tokenizer of .*nothing-here.*check model\.name_or_path"):
+        train(load_recipe(str(recipe_file), ["model.name_or_path=" + str(tmp_path / "nothing-here")]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
