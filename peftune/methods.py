@@ -1,13 +1,14 @@
 """Fine-tuning methods, one small unit each, registered in ``METHODS``.
 
-A method is the defaults of its recipe block and the peft config class the block is passed to. Every
-block carries its own ``learning_rate``: adapters want rates ten to a hundred times larger than full
-fine-tuning, so switching ``method`` alone gives a fair run. Importing this module is cheap; peft is
-imported only when a config is built.
+A method is the defaults of its recipe block, the peft config class the block is passed to, and what
+it needs from an architecture. Every block carries its own ``learning_rate``: adapters want rates ten to
+a hundred times larger than full fine-tuning, so switching ``method`` alone gives a fair run. Importing
+this module is cheap; peft and transformers are imported only when a config is built or checked.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,28 +18,45 @@ from peftune.errors import PeftuneError
 if TYPE_CHECKING:
     from peft import PeftConfig
     from torch import nn
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 # Keys of a method block that peftune reads itself rather than passing to peft.
 OWN_KEYS = ("learning_rate",)
 
-# LoRA targets where peft has no default for the architecture (used when `lora.target_modules` is null).
+# Targets where peft has no default for an architecture (used when the block leaves them null).
 LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+IA3_TARGETS = {  # (target_modules, feedforward_modules)
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "electra": (["key", "value", "output.dense"], ["output.dense"]),
+}
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way of fine-tuning: its recipe block's defaults and the peft config it builds."""
+    """One way of fine-tuning: its recipe block's defaults, the peft config it builds, what it needs."""
 
     name: str
     summary: str
     defaults: dict[str, Any]
     peft_config_class: str | None = None  # None: the whole model is trained, no adapter
+    virtual_tokens: bool = False  # prompt learning: trained vectors prepended to the input or the cache
+    needs_past_key_values: bool = False  # prefix tuning writes its vectors into the attention cache
+    mergeable: bool = False  # folds into the base weights (merge), which prompt learning cannot
 
     @property
     def is_adapter(self) -> bool:
         """True when the method trains a peft adapter instead of the whole model."""
         return self.peft_config_class is not None
+
+    def check_architecture(self, config: PretrainedConfig) -> None:
+        """Refuse, in one line, an architecture this method cannot work with."""
+        if self.needs_past_key_values and not accepts_past_key_values(config):
+            from transformers import __version__
+
+            raise PeftuneError(
+                f"{self.name} tuning needs a model that accepts past_key_values, and {config.model_type} does "
+                f"not in transformers {__version__}; use method=lora (or prompt), or a BERT or RoBERTa base"
+            )
 
     def peft_config(
         self, block: dict[str, Any], *, model: PreTrainedModel | None = None, modules_to_save: Sequence[str] = ()
@@ -52,16 +70,32 @@ class Method:
         if self.peft_config_class is None:
             raise ValueError(f"method {self.name!r} has no peft config")
         options = {k: v for k, v in block.items() if k not in OWN_KEYS}
-        if self.name == "lora" and model is not None:
-            targets = options.get("target_modules")
-            if targets is None:
-                options["target_modules"] = lora_default_targets(model.config.model_type)
-            elif isinstance(targets, str) and targets.lower() == "all-linear":
-                options["target_modules"] = linear_layers(model, exclude=modules_to_save)
+        if model is not None:
+            options = self._architecture_defaults(options, model, modules_to_save)
         if modules_to_save:
             options["modules_to_save"] = sorted({*(options.get("modules_to_save") or []), *modules_to_save})
         config_class = getattr(peft, self.peft_config_class)
         return config_class(task_type=peft.TaskType.SEQ_CLS, **options)
+
+    def _architecture_defaults(
+        self, options: dict[str, Any], model: PreTrainedModel, fresh: Sequence[str]
+    ) -> dict[str, Any]:
+        config = model.config
+        options = dict(options)
+        if self.name == "lora":
+            targets = options.get("target_modules")
+            if targets is None:
+                options["target_modules"] = lora_default_targets(config.model_type)
+            elif isinstance(targets, str) and targets.lower() == "all-linear":
+                options["target_modules"] = linear_layers(model, exclude=fresh)
+        elif self.name == "ia3" and options.get("target_modules") is None and config.model_type in IA3_TARGETS:
+            options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[config.model_type]
+        elif self.virtual_tokens:
+            # peft looks these up under the BERT-style names; configs alias them (DistilBERT: dim, n_layers).
+            options.setdefault("token_dim", config.hidden_size)
+            options.setdefault("num_layers", config.num_hidden_layers)
+            options.setdefault("num_attention_heads", config.num_attention_heads)
+        return options
 
 
 METHODS: dict[str, Method] = {
@@ -76,19 +110,38 @@ METHODS: dict[str, Method] = {
             name="lora",
             summary="low-rank adapters on the linear layers (peft LoraConfig)",
             defaults={
-                "learning_rate": 1.0e-3,
-                "r": 16,
-                "lora_alpha": 32,
+                # Measured on SST-2 with MiniLM (one epoch, 8,000 sentences): r=8 on every linear layer at
+                # 2e-3 matched full fine-tuning on three seeds; r=16 at 3e-3 diverged.
+                "learning_rate": 2.0e-3,
+                "r": 8,
+                "lora_alpha": 16,
                 "lora_dropout": 0.1,
                 "target_modules": "all-linear",
             },
             peft_config_class="LoraConfig",
+            mergeable=True,
         ),
         Method(
             name="prefix",
             summary="trained key/value prefixes in every attention layer (peft PrefixTuningConfig)",
-            defaults={"learning_rate": 1.0e-2, "num_virtual_tokens": 20},
+            defaults={"learning_rate": 1.0e-2, "num_virtual_tokens": 20, "prefix_projection": False},
             peft_config_class="PrefixTuningConfig",
+            virtual_tokens=True,
+            needs_past_key_values=True,
+        ),
+        Method(
+            name="prompt",
+            summary="trained soft-prompt embeddings before the input (peft PromptTuningConfig)",
+            defaults={"learning_rate": 3.0e-2, "num_virtual_tokens": 20},
+            peft_config_class="PromptTuningConfig",
+            virtual_tokens=True,
+        ),
+        Method(
+            name="ia3",
+            summary="learned rescaling of attention keys/values and feed-forward activations (peft IA3Config)",
+            defaults={"learning_rate": 5.0e-3},
+            peft_config_class="IA3Config",
+            mergeable=True,
         ),
     )
 }
@@ -119,3 +172,15 @@ def linear_layers(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return any(name == e or name.startswith(e + ".") for e in exclude)
 
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not excluded(n))
+
+
+def accepts_past_key_values(config: PretrainedConfig) -> bool:
+    """Whether the architecture's classifier (or its backbone) takes past_key_values, as peft checks."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
+
+    classes: list[Any] = []
+    for mapping in (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING):
+        if type(config) in mapping:
+            found = mapping[type(config)]
+            classes.extend(found if isinstance(found, tuple) else [found])
+    return any("past_key_values" in inspect.signature(cls.forward).parameters for cls in classes if cls)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import ModelSpec, Recipe, local_path
+from peftune.recipe import ModelSpec, Recipe, load_recipe, local_path
+from peftune.rundir import LABELS_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -21,23 +24,101 @@ log = logging.getLogger(__name__)
 HEAD_NAMES = ("classifier", "score")
 
 
-def load_tokenizer(spec: ModelSpec) -> Any:
-    """The base model's tokenizer."""
-    from transformers import AutoTokenizer
+def _check_reference(name: str) -> None:
+    """A missing local folder gets its own message, not the Hub client's complaint about repo ids."""
+    import os
 
-    path = local_path(spec.name_or_path, "model.name_or_path")
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not os.path.exists(name):
+        raise PeftuneError(
+            f"model folder {name} not found; check model.name_or_path (a Hub id like org/name, or a local folder)"
+        )
+
+
+def load_config(spec: ModelSpec) -> PretrainedConfig:
+    """The base model's config (a small file: no weights are read)."""
+    from transformers import AutoConfig
+
+    _check_reference(local_path(spec.name_or_path, "model.name_or_path"))
     try:
-        return AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            local_path(spec.name_or_path, "model.name_or_path"),
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+        )
     except (OSError, ValueError) as err:
         raise PeftuneError(
-            f"cannot load the tokenizer of {spec.name_or_path!r}: {first_line(err)}; check model.name_or_path"
+            f"cannot load the config of {spec.name_or_path!r}: {first_line(err)}; "
+            "check model.name_or_path (a Hub id or a local folder with config.json)"
+        ) from None
+
+
+def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
+    """Refuse a model/method/quantization combination that cannot work, before any weights load."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not recipe.model.trust_remote_code:
+        raise PeftuneError(
+            f"model type {config.model_type!r} has no sequence classification head in transformers; "
+            "choose an encoder such as BERT, RoBERTa, DeBERTa or DistilBERT"
+        )
+    METHODS[recipe.method].check_architecture(config)
+    if recipe.model.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # an ImportError, or a broken native library
+            raise PeftuneError(
+                f"model.load_in_8bit needs a working bitsandbytes ({first_line(err)}); "
+                "pip install bitsandbytes, or set model.load_in_8bit=false"
+            ) from None
+
+
+def check_model_if_reachable(recipe: Recipe) -> bool:
+    """`check_model` without the weights; False when the config of a Hub model cannot be reached."""
+    import os
+
+    if not os.path.exists(local_path(recipe.model.name_or_path, "model.name_or_path")):
+        try:
+            config = load_config(recipe.model)
+        except PeftuneError:  # a Hub id while offline: checked when training starts instead
+            return False
+    else:
+        config = load_config(recipe.model)
+    check_model(recipe, config)
+    return True
+
+
+def load_tokenizer(spec: ModelSpec | str) -> Any:
+    """The tokenizer of the base model (a spec) or of a saved folder (a path)."""
+    from transformers import AutoTokenizer
+
+    if isinstance(spec, str):
+        path, revision, remote_code = spec, None, False
+    else:
+        path = local_path(spec.name_or_path, "model.name_or_path")
+        revision, remote_code = spec.revision, spec.trust_remote_code
+    _check_reference(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=remote_code)
+    except (OSError, ValueError) as err:
+        raise PeftuneError(
+            f"cannot load the tokenizer of {path!r}: {first_line(err)}; check model.name_or_path"
         ) from None
 
 
 def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, list[str]]:
-    """Load the checkpoint with a head sized for `labels`; also return the newly initialised modules."""
+    """Load the checkpoint with a head sized for `labels`; also return the newly initialised modules.
+
+    With `load_in_8bit`, the linear layers load as bitsandbytes int8, except inside the new modules:
+    those are trained in full, and an int8 head crashes LoRA training or makes it diverge.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    quantization = None
+    if spec.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
     path = local_path(spec.name_or_path, "model.name_or_path")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -50,6 +131,7 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
             problem_type="regression" if labels.problem_type == "regression" else "single_label_classification",
             # A checkpoint that is already a classifier with another label count gets a fresh head.
             ignore_mismatched_sizes=True,
+            quantization_config=quantization,
             output_loading_info=True,
         )
     except (OSError, ValueError) as err:
@@ -61,6 +143,8 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
     fresh = fresh_modules(model, new_keys)
     if fresh:
         log.info("newly initialised (trained in full): %s", ", ".join(fresh))
+    if spec.load_in_8bit:
+        _full_precision(model, fresh)
     return model, fresh
 
 
@@ -84,14 +168,107 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
     method = METHODS[recipe.method]
     if not method.is_adapter:
         return model
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    heads = sorted({*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))})
-    config = method.peft_config(recipe.method_block, model=model, modules_to_save=heads)
+    if recipe.model.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing")),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = method.peft_config(recipe.method_block, model=model, modules_to_save=head_modules(model, fresh))
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError) as err:
         raise PeftuneError(f"cannot apply {recipe.method} to this model: {first_line(err)}") from None
+
+
+def head_modules(model: nn.Module, fresh: list[str]) -> list[str]:
+    """Modules trained in full with an adapter: the new ones, and the classification head in any case."""
+    return sorted({*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))})
+
+
+def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
+    """The trained model of a run folder (base plus adapter, or the full model), its tokenizer and labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = load_recipe(str(run.recipe_file))
+    labels = Labels.read(run.labels_file)
+    method = METHODS[recipe.method]
+    weights = run.weights_dir(method.is_adapter)
+    tokenizer = load_tokenizer(str(weights))
+    if not method.is_adapter:
+        model = AutoModelForSequenceClassification.from_pretrained(weights)
+    else:
+        from peft import PeftModel
+
+        base, _ = load_base_model(recipe.model, labels)
+        model = PeftModel.from_pretrained(base, str(weights))
+    model.eval()
+    return model, tokenizer, labels
+
+
+@dataclass
+class LoadedModel:
+    """A trained classifier ready for inference, with what peftune knows about it."""
+
+    model: Any
+    tokenizer: Any
+    labels: Labels
+    recipe: Recipe | None  # None for a model peftune did not write (a Hub id)
+    samples: list[dict[str, Any]]  # eval rows kept with it, for checks; may be empty
+
+
+def load_target(target: str | Path) -> LoadedModel:
+    """Load what `eval`, `predict`, `merge` and `export` work on: a run folder, a model folder, or a Hub id."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _load_model_folder(path)
+        if (path / RECIPE_FILE).is_file():
+            run = open_run(path)
+            model, tokenizer, labels = load_run(run)
+            recipe = load_recipe(str(run.recipe_file))
+            samples = run.read_samples() if run.samples_file.is_file() else []
+            return LoadedModel(model, tokenizer, labels, recipe, samples)
+        raise PeftuneError(f"{path} holds neither a peftune run (recipe.yaml) nor a model (config.json)")
+    if path.exists() or str(target).startswith((".", "/", "~")) or str(target).count("/") > 1:
+        raise PeftuneError(f"{target} is not a run folder or a model folder; give the folder `peftune train` wrote")
+    return _load_hub_model(str(target))
+
+
+def _load_model_folder(path: Path) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise PeftuneError(f"cannot load the model in {path}: {first_line(err)}") from None
+    model.eval()
+    labels = Labels.read(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else _labels_of(model.config)
+    recipe = load_recipe(str(path / RECIPE_FILE)) if (path / RECIPE_FILE).is_file() else None
+    samples_file = path / SAMPLES_FILE
+    samples = RunDir(path).read_samples() if samples_file.is_file() else []
+    return LoadedModel(model, load_tokenizer(str(path)), labels, recipe, samples)
+
+
+def _load_hub_model(model_id: str) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise PeftuneError(
+            f"{model_id!r} is not a local folder and could not be loaded from the Hub: {first_line(err)}"
+        ) from None
+    model.eval()
+    return LoadedModel(model, load_tokenizer(model_id), _labels_of(model.config), None, [])
+
+
+def _labels_of(config: Any) -> Labels:
+    if config.problem_type == "regression" or config.num_labels == 1:
+        return Labels(names=None)
+    return Labels(names=tuple(config.id2label[i] for i in range(config.num_labels)))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -99,6 +276,33 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (int8 weights count one byte each)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _full_precision(model: PreTrainedModel, fresh: list[str]) -> None:
+    """Swap the int8 linear layers inside the new modules for plain ones with the same initial weights."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    for prefix in fresh:
+        for name, module in list(model.get_submodule(prefix).named_modules()):
+            if not isinstance(module, bnb.nn.Linear8bitLt):
+                continue
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            if module.weight.dtype.is_floating_point:  # not quantized yet: keep its random initialisation
+                linear.weight.data.copy_(module.weight.data.float())
+                if module.bias is not None:
+                    linear.bias.data.copy_(module.bias.data.float())
+            else:
+                model._init_weights(linear)
+            path = f"{prefix}.{name}" if name else prefix
+            parent, _, attribute = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attribute, linear)
 
 
 def _key_of(entry: Any) -> str:

@@ -108,10 +108,12 @@ class Recipe(_Strict):
     seed: int = 42
     model: ModelSpec
     data: DataSpec
-    method: Literal["full", "lora", "prefix"] = "lora"
+    method: str = "lora"
     full: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     lora: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     prefix: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    prompt: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    ia3: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     train: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     metrics: list[str] | None = Field(None, min_length=1)
     output_dir: str | None = None
@@ -126,7 +128,23 @@ class Recipe(_Strict):
                 raise ValueError(f"unknown metric {name!r}{hint}")
         return names
 
-    @field_validator("full", "lora", "prefix", "train", mode="before")
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}{_did_you_mean(name, METHODS)}; use one of: {', '.join(METHODS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _eight_bit_needs_an_adapter(self) -> Recipe:
+        if self.model.load_in_8bit and not METHODS[self.method].is_adapter:
+            raise ValueError(
+                "model.load_in_8bit needs an adapter method: 8-bit weights cannot be trained in full; "
+                "use method=lora, or load_in_8bit=false"
+            )
+        return self
+
+    @field_validator(*METHODS, "train", mode="before")
     @classmethod
     def _over_defaults(cls, value: Any, info: Any) -> Any:
         defaults = TRAIN_DEFAULTS if info.field_name == "train" else METHODS[info.field_name].defaults

@@ -55,28 +55,28 @@ def test_name_defaults_to_file_stem_and_defaults_fill_in(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL)))
     assert recipe.name == "my-run"
     assert recipe.method == "lora"
-    assert recipe.lora["r"] == 16 and recipe.lora["target_modules"] == "all-linear"
+    assert recipe.lora["r"] == 8 and recipe.lora["target_modules"] == "all-linear"
     assert recipe.train["num_train_epochs"] == 3
     assert recipe.data.text_columns == ["sentence"]
 
 
 def test_learning_rate_follows_the_method_unless_train_sets_it(tmp_path):
     path = str(write(tmp_path, MINIMAL))
-    assert load_recipe(path).learning_rate == pytest.approx(1e-3)
+    assert load_recipe(path).learning_rate == pytest.approx(2e-3)
     assert load_recipe(path, ["method=full"]).learning_rate == pytest.approx(5e-5)
     assert load_recipe(path, ["method=prefix"]).learning_rate == pytest.approx(1e-2)
     assert load_recipe(path, ["full.learning_rate=2e-5", "method=full"]).learning_rate == pytest.approx(2e-5)
     assert load_recipe(path, ["train.learning_rate=3e-4", "method=full"]).learning_rate == pytest.approx(3e-4)
     kwargs = load_recipe(path, ["seed=7"]).training_arguments("out")
-    assert kwargs["learning_rate"] == pytest.approx(1e-3) and kwargs["seed"] == 7 and kwargs["output_dir"] == "out"
+    assert kwargs["learning_rate"] == pytest.approx(2e-3) and kwargs["seed"] == 7 and kwargs["output_dir"] == "out"
 
 
 def test_a_method_block_merges_over_its_defaults(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL + "lora: {r: 4}\n")), ["lora.lora_dropout=0.0"])
     assert recipe.lora == {
-        "learning_rate": 1e-3,
+        "learning_rate": 2e-3,
         "r": 4,
-        "lora_alpha": 32,
+        "lora_alpha": 16,
         "lora_dropout": 0.0,
         "target_modules": "all-linear",
     }
@@ -137,7 +137,7 @@ def test_relative_data_files_are_relative_to_the_recipe(tmp_path):
         (MINIMAL, ["model.load_in_8bits=true"], "did you mean 'load_in_8bit'?"),
         (MINIMAL, ["data.max_length=long"], "recipe key data.max_length: input should be a valid integer"),
         (MINIMAL, ["model.load_in_8bit=yes"], "recipe key model.load_in_8bit: input should be a valid boolean"),
-        (MINIMAL, ["method=adapter"], "recipe key method: input should be 'full', 'lora' or 'prefix'"),
+        (MINIMAL, ["method=adapter"], "recipe key method: unknown method 'adapter'; use one of: full, lora, prefix"),
         (MINIMAL, ["data.text_columns=[a, b, c]"], "recipe key data.text_columns"),
         (MINIMAL, ["data.files.train=3"], "recipe key data.files.train"),
         (MINIMAL, ["data.labels=[a, a]"], "data.labels has duplicates"),

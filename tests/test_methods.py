@@ -1,0 +1,193 @@
+"""Every method on every architecture it supports: train, save, reload, same logits; clear refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tiny
+import torch
+from transformers import TrainerCallback
+
+from peftune.errors import PeftuneError
+from peftune.modeling import check_model, load_config, load_run
+from peftune.recipe import load_recipe
+from peftune.rundir import open_run
+from peftune.train import train
+
+PROBE = [
+    "The battery easily lasts two days.",
+    "The waiter was rude and impatient, and the soup was bland.",
+    "Setup took five minutes.",
+]
+
+
+class Recorder(TrainerCallback):
+    """Keeps what the trained model in memory looks like: trainable tensors at start, logits at the end."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.start: dict[str, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.moved = {n for n, p in model.named_parameters() if n in self.start and not torch.equal(p, self.start[n])}
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(**batch(self.tokenizer)).logits.float()
+        model.train()
+
+
+def batch(tokenizer):
+    return tokenizer(PROBE, padding=True, truncation=True, max_length=32, return_tensors="pt")
+
+
+def train_tiny(tmp_path, model_dir, reviews, *overrides):
+    from transformers import AutoTokenizer
+
+    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", model_dir, *reviews)
+    recorder = Recorder(AutoTokenizer.from_pretrained(model_dir))
+    overrides = ("data.max_train_samples=24", "train.eval_strategy=no", "train.save_strategy=no", *overrides)
+    run = train(load_recipe(str(recipe_file), overrides), output_dir=tmp_path / "run", callbacks=[recorder])
+    return run, recorder
+
+
+def reloaded_logits(run) -> torch.Tensor:
+    model, tokenizer, _ = load_run(open_run(run.path))
+    with torch.no_grad():
+        return model(**batch(tokenizer)).logits.float()
+
+
+SUPPORTED = [
+    (arch, method)
+    for arch in tiny.ARCHITECTURES
+    for method in ("full", "lora", "prefix", "prompt", "ia3")
+    if not (method == "prefix" and arch in ("distilbert", "deberta-v2"))
+]
+
+
+@pytest.mark.parametrize(("arch", "method"), SUPPORTED)
+def test_reload_gives_the_same_logits(tmp_path, tiny_models, reviews, arch, method):
+    run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, f"method={method}")
+    assert recorder.moved, "training changed the trainable weights"
+    if method != "full":
+        assert recorder.moved >= {n for n in recorder.start if "modules_to_save" in n}, "the head is trained"
+    difference = (reloaded_logits(run) - recorder.logits).abs().max().item()
+    assert difference < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
+    import bitsandbytes as bnb
+
+    run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, "model.load_in_8bit=true")
+    metrics = run.read_metrics()
+    assert metrics["load_in_8bit"] is True
+    model, _, _ = load_run(run)
+    int8 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert int8, "the base's linear layers are int8"
+    assert not [n for n in int8 if "classifier" in n], "the head stays in full precision"
+    # Reloading re-quantizes the same fp32 checkpoint, so the int8 weights and the logits come back exactly;
+    # the tolerance allows for int8 matmul kernels that are not bit-reproducible across calls.
+    difference = (reloaded_logits(run) - recorder.logits).abs().max().item()
+    assert difference < 1e-4
+    (tmp_path / "fp32").mkdir()
+    fp32, _ = train_tiny(tmp_path / "fp32", tiny_models(arch), reviews)
+    assert metrics["model_memory_mb"] < fp32.read_metrics()["model_memory_mb"]
+
+
+def test_8bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews):
+    run, recorder = train_tiny(
+        tmp_path, tiny_bert, reviews, "model.load_in_8bit=true", "train.gradient_checkpointing=true"
+    )
+    assert recorder.moved and run.is_complete()
+
+
+def test_new_modules_are_trained_and_saved(tmp_path, tiny_models, reviews):
+    run, _ = train_tiny(tmp_path, tiny_models("deberta-v2"), reviews)
+    assert run.read_metrics()["fresh_modules"] == ["classifier", "pooler"]
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert {"classifier", "pooler"} <= set(config["modules_to_save"])
+    (tmp_path / "d").mkdir()
+    run, _ = train_tiny(tmp_path / "d", tiny_models("distilbert"), reviews)
+    assert run.read_metrics()["fresh_modules"] == ["classifier", "pre_classifier"]
+
+
+def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_models, reviews):
+    from peft import PeftModel
+
+    run, _ = train_tiny(tmp_path, tiny_models("roberta"), reviews)
+    model, _, _ = load_run(run)
+    assert isinstance(model, PeftModel)
+    lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert any(n.endswith("attention.self.query") for n in lora) and any(n.endswith("output.dense") for n in lora)
+    assert not [n for n in lora if ".classifier." in n], "no LoRA inside RoBERTa's two-layer head"
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [("bert", {"query", "value"}), ("distilbert", {"q_lin", "v_lin"}), ("deberta-v2", {"query_proj", "value_proj"})],
+)
+def test_lora_targets_default_per_architecture_when_null(tmp_path, tiny_models, reviews, arch, expected):
+    run, _ = train_tiny(tmp_path, tiny_models(arch), reviews, "lora.target_modules=null")
+    assert set(json.loads((run.adapter_dir / "adapter_config.json").read_text())["target_modules"]) == expected
+
+
+def test_prefix_with_projection(tmp_path, tiny_bert, reviews):
+    run, recorder = train_tiny(tmp_path, tiny_bert, reviews, "method=prefix", "prefix.prefix_projection=true")
+    assert any("prompt_encoder" in n and "transform" in n for n in recorder.moved)
+    assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "deberta-v2"])
+def test_prefix_is_refused_where_the_model_takes_no_past_key_values(tmp_path, tiny_models, reviews, arch):
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_models(arch), *reviews)), ["method=prefix"])
+    with pytest.raises(PeftuneError) as info:
+        check_model(recipe, load_config(recipe.model))
+    message = str(info.value)
+    assert "prefix tuning needs a model that accepts past_key_values" in message and "method=lora" in message
+    with pytest.raises(PeftuneError, match="past_key_values"):
+        train(recipe, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+def test_validate_command_refuses_prefix_on_distilbert(tmp_path, tiny_models, reviews):
+    recipe = tiny.write_recipe(tmp_path / "r.yaml", tiny_models("distilbert"), *reviews)
+    result = subprocess.run(
+        [sys.executable, "-m", "peftune", "validate", str(recipe), "method=prefix"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if line.startswith("error: ")
+    ]
+    assert "past_key_values" in result.stderr
+
+
+def test_8bit_full_fine_tuning_is_refused(tmp_path, tiny_bert, reviews):
+    recipe_file = tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)
+    with pytest.raises(PeftuneError, match="8-bit weights cannot be trained in full; use method=lora"):
+        load_recipe(str(recipe_file), ["model.load_in_8bit=true", "method=full"])
+
+
+def test_8bit_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_bert, reviews, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)), ["model.load_in_8bit=true"])
+    with pytest.raises(PeftuneError, match=r"model\.load_in_8bit needs a working bitsandbytes"):
+        check_model(recipe, load_config(recipe.model))
+
+
+def test_a_model_without_a_classification_head_is_refused(tmp_path, reviews):
+    from transformers import CLIPVisionConfig
+
+    folder = tmp_path / "vision"
+    CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        folder
+    )
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", folder, *reviews)))
+    with pytest.raises(PeftuneError, match="has no sequence classification head"):
+        check_model(recipe, load_config(recipe.model))
