@@ -179,6 +179,20 @@ def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, spl
     return split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {split_name}")
 
 
+def read_table(path: str | Path) -> Dataset:
+    """One local file as a table, its format taken from the extension as for `data.files`."""
+    import datasets
+
+    file = str(path)
+    if not os.path.isfile(file):
+        raise PeftuneError(f"input file not found: {file}; check the path")
+    loader, defaults = _format_of({"input": [file]})
+    try:
+        return datasets.load_dataset(loader, data_files={"input": [file]}, split="input", **defaults)
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise PeftuneError(f"cannot read {file}: {first_line(err)}; check the file") from None
+
+
 def _load(spec: DataSpec) -> Any:
     import datasets
 

@@ -20,6 +20,10 @@ METRICS_FILE = "metrics.json"  # eval metrics, parameters, time, memory, version
 ADAPTER_DIR = "adapter"  # adapter methods: peft adapter with the classifier head, and the tokenizer
 MODEL_DIR = "model"  # full fine-tuning: a standalone transformers model folder, and the tokenizer
 CHECKPOINTS_DIR = "checkpoints"  # Trainer checkpoints
+SAMPLES_FILE = "eval_samples.jsonl"  # eval rows kept so merge and export can check their output offline
+MERGED_DIR = "merged"  # `peftune merge`: a standalone model folder
+MERGE_FILE = "merge.json"  # in a merged folder: where it came from and how closely it matches the adapter
+EXPORT_FILE = "export.json"  # in an exported folder: format, dtype and the check against PyTorch
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,19 @@ class RunDir:
     def weights_dir(self, is_adapter: bool) -> Path:
         """Where the trained weights live for an adapter or a full run."""
         return self.adapter_dir if is_adapter else self.model_dir
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / MERGED_DIR
+
+    def read_samples(self) -> list[dict[str, Any]]:
+        """The eval rows kept at training time (text columns and label)."""
+        lines = self.samples_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def is_complete(self) -> bool:
         """True once training finished and every file was written."""

@@ -46,6 +46,25 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny.write_reviews(folder / "train.csv", 64), tiny.write_reviews(folder / "validation.csv", 32, start=64)
 
 
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tiny_models, reviews):
+    """Trained tiny runs, one per kind, made once for the session."""
+    folder = tmp_path_factory.mktemp("runs")
+    recipe_file = tiny.write_recipe(folder / "recipe.yaml", tiny_models("bert"), *reviews)
+    from peftune.recipe import load_recipe
+    from peftune.train import train
+
+    made = {}
+    for name, overrides in {
+        "lora": ["train.num_train_epochs=2"],
+        "full": ["method=full"],
+        "prefix": ["method=prefix"],
+        "lora8": ["model.load_in_8bit=true", "train.num_train_epochs=3", "lora.learning_rate=5e-3"],
+    }.items():
+        made[name] = train(load_recipe(str(recipe_file), overrides), output_dir=folder / name).path
+    return made
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside its own temporary folder (runs/ and copies land there)."""

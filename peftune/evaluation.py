@@ -1,0 +1,100 @@
+"""Evaluate: re-score a run folder or a model folder on its eval split, another split, or other data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune import metrics
+from peftune.data import load_splits
+from peftune.errors import PeftuneError
+from peftune.modeling import load_target
+from peftune.predict import batched_logits
+from peftune.recipe import apply_override, parse_recipe
+
+
+def evaluate(
+    target: str | Path,
+    split: str | None = None,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Metrics and confusion matrix of a trained model on an eval split; written as JSON and returned.
+
+    `overrides` are `data.*` keys (other files, columns, splits); `split` names the split to score.
+    """
+    loaded = load_target(target)
+    if loaded.recipe is None:
+        raise PeftuneError(f"{target} has no recipe to say what data to score; give a run folder or a merged folder")
+    raw = loaded.recipe.model_dump()
+    for item in overrides:
+        if not item.startswith("data."):
+            raise PeftuneError(f"eval takes only data.* overrides (got {item.split('=')[0]}); the model is fixed")
+        apply_override(raw, item)
+    if split:
+        raw["data"]["eval_split"] = split
+    recipe = parse_recipe(raw)
+    _, rows = load_splits(recipe.data, recipe.seed)
+    labels = loaded.labels
+    try:
+        targets = np.array([labels.encode(value) for value in rows[recipe.data.label_column]])
+    except (ValueError, KeyError) as err:
+        raise PeftuneError(
+            f"the eval data has a label the model does not know ({err}); "
+            f"its labels are {list(labels.id2label.values())}"
+        ) from None
+    columns = recipe.data.text_columns
+    pairs = rows[columns[1]] if len(columns) == 2 else None
+    logits = batched_logits(loaded, rows[columns[0]], pairs, batch_size, progress=True)
+    names = recipe.metrics or metrics.default_metrics(labels.problem_type)
+    result: dict[str, Any] = {
+        "target": str(target),
+        "split": recipe.data.eval_split,
+        "examples": len(rows),
+        "primary_metric": names[0],
+        "metrics": metrics.compute_metrics(names, logits, targets, labels.problem_type),
+        "overrides": list(overrides),
+        "data": recipe.data.model_dump(include={"source", "config", "files"}),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if labels.names is not None:
+        from sklearn.metrics import confusion_matrix
+
+        matrix = confusion_matrix(targets, logits.argmax(-1), labels=list(range(labels.num_labels)))
+        result["confusion_matrix"] = {"labels": list(labels.names), "rows_true_columns_predicted": matrix.tolist()}
+    path = Path(output) if output else _default_output(target, recipe.data.eval_split)
+    if path is not None:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        result["written_to"] = str(path)
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The metric table and the confusion matrix, as text for a terminal."""
+    lines = [f"{result['target']} on {result['split']!r} ({result['examples']} examples)", ""]
+    width = max(len(name) for name in result["metrics"])
+    for name, value in result["metrics"].items():
+        marker = "  (primary)" if name == result["primary_metric"] else ""
+        lines.append(f"  {name.ljust(width)}  {value:.4f}{marker}")
+    confusion = result.get("confusion_matrix")
+    if confusion:
+        names = confusion["labels"]
+        cell = max(6, *(len(n) for n in names))
+        lines += ["", "confusion matrix (rows: true label, columns: predicted)", " " * (cell + 2) + "".join(
+            n.rjust(cell + 2) for n in names)]  # fmt: skip
+        for name, row in zip(names, confusion["rows_true_columns_predicted"], strict=True):
+            lines.append(name.rjust(cell + 2) + "".join(str(v).rjust(cell + 2) for v in row))
+    return "\n".join(lines)
+
+
+def _default_output(target: str | Path, split: str) -> Path | None:
+    folder = Path(target)
+    return folder / f"eval-{split}.json" if folder.is_dir() else None

@@ -1,0 +1,179 @@
+"""Export: a trained classifier as ONNX (checked under onnxruntime) or as safetensors in a chosen dtype.
+
+Full runs, merged folders and LoRA/IA3 runs (merged on the way) export the same way, so their artifacts
+compare like for like. Prefix and prompt adapters export to ONNX with their vectors built in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune import rundir
+from peftune.errors import PeftuneError
+from peftune.merge import DTYPES, merged_model
+from peftune.methods import METHODS
+from peftune.modeling import LoadedModel, load_target
+from peftune.predict import batched_logits
+
+FORMATS = ("onnx", "safetensors")
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch, float32
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def export_model(
+    target: str | Path, fmt: str, output: str | Path | None = None, dtype: str = "float32"
+) -> tuple[Path, dict[str, Any]]:
+    """Export a run folder or model folder; return the new folder and its record (with the check)."""
+    if fmt not in FORMATS:
+        raise PeftuneError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise PeftuneError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    if fmt == "onnx" and dtype != "float32":
+        raise PeftuneError("ONNX export writes float32; leave --dtype out (or export safetensors in a half dtype)")
+    if fmt == "onnx":
+        _require_onnx()
+    source = Path(target)
+    destination = Path(output) if output else source / f"export-{fmt}"
+    if destination.exists():
+        raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
+
+    loaded = _standalone(target, fmt)
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        if fmt == "onnx":
+            check = _export_onnx(loaded, partial / ONNX_FILE)
+        else:
+            import torch
+
+            loaded.model.to(getattr(torch, dtype)).save_pretrained(partial)
+            check = {}
+        loaded.tokenizer.save_pretrained(partial)
+        _config_of(loaded.model).save_pretrained(partial)
+        for name in (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.SAMPLES_FILE):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, partial / name)
+        record = {
+            "source": str(source.resolve()) if source.exists() else str(target),
+            "format": fmt,
+            "dtype": dtype,
+            "check": check,
+            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (partial / rundir.EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(destination)
+    return destination, record
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PeftuneError(f"ONNX export needs {' and '.join(missing)}: pip install 'peftune[onnx]'")
+
+
+def _standalone(target: str | Path, fmt: str) -> LoadedModel:
+    """The model to export: a full or merged model as loaded, an adapter run merged into its base."""
+    path = Path(target)
+    if path.is_dir() and (path / rundir.RECIPE_FILE).is_file() and not (path / "config.json").is_file():
+        run = rundir.open_run(path)
+        loaded = load_target(path)
+        assert loaded.recipe is not None
+        method = METHODS[loaded.recipe.method]
+        if method.mergeable:
+            loaded.model = merged_model(run, loaded.recipe, loaded.labels)
+        elif method.is_adapter and fmt == "safetensors":
+            raise PeftuneError(
+                f"{loaded.recipe.method} adapters have no standalone weights to export: the adapter folder "
+                f"{run.adapter_dir} is already safetensors; export --format onnx for a standalone model"
+            )
+        return loaded
+    return load_target(target)
+
+
+def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
+    """Trace the model to ONNX with dynamic batch and sequence axes, then compare onnxruntime with PyTorch."""
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    names = [n for n in INPUT_NAMES if n in tokenizer.model_input_names]
+    texts = _check_texts(loaded)
+    example = tokenizer(texts[:2], *_pair_args(loaded, texts[:2]), padding=True, return_tensors="pt")
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs, strict=True))).logits
+
+    wrapper = Logits().eval()
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    with torch.no_grad():
+        # The TorchScript exporter: the dynamo one writes invalid graphs for prefix-tuned models today.
+        torch.onnx.export(
+            wrapper, tuple(example[n] for n in names), str(path), input_names=names, output_names=["logits"],
+            dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False,
+        )  # fmt: skip
+    model.eval()  # the exporter puts the module back into the training mode the wrapper was created in
+    return _check_onnx(loaded, path, names, texts)
+
+
+def _check_onnx(loaded: LoadedModel, path: Path, names: list[str], texts: list[str]) -> dict[str, Any]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = batched_logits(loaded, texts, _pairs(loaded, texts), batch_size=16)
+    got = []
+    for start in range(0, len(texts), 16):  # batches of other sizes and lengths than the traced example
+        chunk = texts[start : start + 16]
+        batch = loaded.tokenizer(chunk, *_pair_args(loaded, chunk), padding=True, truncation=True, return_tensors="np")
+        got.append(session.run(["logits"], {n: batch[n].astype(np.int64) for n in names})[0])
+    difference = float(np.abs(np.concatenate(got) - expected).max())
+    check = {"runtime": f"onnxruntime {onnxruntime.__version__}", "samples": len(texts),
+             "max_abs_logit_difference": difference, "tolerance": ONNX_TOLERANCE}  # fmt: skip
+    if difference > ONNX_TOLERANCE:
+        raise PeftuneError(
+            f"onnxruntime's logits differ from PyTorch's by {difference:.3g} (tolerance {ONNX_TOLERANCE}); "
+            "nothing was written: report this with the model"
+        )
+    return check
+
+
+def _check_texts(loaded: LoadedModel) -> list[str]:
+    if loaded.samples and loaded.recipe is not None:
+        return [row[loaded.recipe.data.text_columns[0]] for row in loaded.samples][:64]
+    return ["A short sentence.", "A somewhat longer sentence, to give the sequence axis another length.", "Third."]
+
+
+def _pairs(loaded: LoadedModel, texts: list[str]) -> list[str] | None:
+    if loaded.recipe is None or len(loaded.recipe.data.text_columns) < 2:
+        return None
+    second = loaded.recipe.data.text_columns[1]
+    by_first = {row[loaded.recipe.data.text_columns[0]]: row[second] for row in loaded.samples}
+    return [by_first.get(text, "") for text in texts]
+
+
+def _pair_args(loaded: LoadedModel, texts: list[str]) -> list[list[str]]:
+    pairs = _pairs(loaded, texts)
+    return [pairs] if pairs is not None else []
+
+
+def _config_of(model: Any) -> Any:
+    """The transformers config with the labels (a peft model keeps it on its base)."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config

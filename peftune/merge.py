@@ -1,0 +1,174 @@
+"""Merge: fold a LoRA or IA3 adapter into its base model and write a standalone model folder.
+
+The base is always reloaded in full precision, also for an adapter trained on an 8-bit base: merging
+into re-quantized int8 weights would add a second rounding to every weight. The merged model is then
+checked against the adapter model on the eval rows kept in the run folder, and only a model that passes
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune import rundir
+from peftune.data import Labels
+from peftune.errors import PeftuneError
+from peftune.methods import METHODS
+from peftune.modeling import LoadedModel, load_base_model, load_target
+from peftune.predict import batched_logits
+from peftune.recipe import Recipe, load_recipe
+
+DTYPES = ("float32", "float16", "bfloat16")
+# How closely a merged model must match the adapter model it came from, on the kept eval rows. A float32
+# merge of a float32 adapter differs only by rounding (about 1e-6 measured); a half-precision merge, or a
+# merge of an adapter trained on an int8 base, differs by rounding the weights, so it is judged by labels.
+MAX_LOGIT_DIFFERENCE = 1e-3
+MIN_LABEL_AGREEMENT = 0.98
+MAX_REGRESSION_DIFFERENCE = 0.1  # the same judgement for a regression output, in its own units
+
+
+def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype: str = "float32") -> Path:
+    """Merge the run's adapter into its base, check it, write a standalone model folder; return its path."""
+    run = rundir.open_run(run_path)
+    recipe = load_recipe(str(run.recipe_file))
+    method = METHODS[recipe.method]
+    if not method.is_adapter:
+        raise PeftuneError(
+            f"{run.path} is a full fine-tuning run: there is nothing to merge, its standalone model is {run.model_dir}"
+        )
+    if not method.mergeable:
+        raise PeftuneError(
+            f"{recipe.method} tuning adds trained vectors to every input, which cannot be folded into the weights; "
+            f"use the adapter folder as it is (peftune predict {run.path}) or peftune export {run.path}"
+        )
+    if dtype not in DTYPES:
+        raise PeftuneError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    target = Path(output) if output else run.merged_dir
+    _check_destination(target, run)
+
+    reference = load_target(run.path)
+    merged = merged_model(run, recipe, reference.labels)
+    merged.to(_torch_dtype(dtype))
+    candidate = LoadedModel(merged, reference.tokenizer, reference.labels, recipe, reference.samples)
+    check = compare(reference, candidate, trained_in_8bit=recipe.model.load_in_8bit, dtype=dtype)
+    if not check["passed"]:
+        raise PeftuneError(
+            f"the merged model disagrees with the adapter model beyond tolerance ({_describe(check)}); "
+            "nothing was written: report this with the run folder"
+        )
+
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial)
+    reference.tokenizer.save_pretrained(partial)
+    for name in (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.SAMPLES_FILE):
+        if (run.path / name).is_file():
+            shutil.copyfile(run.path / name, partial / name)
+    record = {
+        "source_run": str(run.path.resolve()),
+        "method": recipe.method,
+        "base_model": recipe.model.name_or_path,
+        "trained_in_8bit": recipe.model.load_in_8bit,
+        "dtype": dtype,
+        "check": check,
+        "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (partial / "README.md").write_text(_readme(recipe, reference.labels, record), encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def merged_model(run: rundir.RunDir, recipe: Recipe, labels: Labels) -> Any:
+    """The run's adapter folded into a full-precision copy of its base (a plain transformers model)."""
+    from peft import PeftModel
+
+    base, _ = load_base_model(recipe.model.model_copy(update={"load_in_8bit": False}), labels)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
+    model.eval()
+    return model
+
+
+def compare(reference: LoadedModel, candidate: LoadedModel, trained_in_8bit: bool, dtype: str) -> dict[str, Any]:
+    """Logit difference and label agreement of two models on the kept eval rows, judged by the tolerances."""
+    samples = reference.samples
+    if not samples:
+        raise PeftuneError("the run folder keeps no eval rows to check against; train it again with this peftune")
+    recipe = reference.recipe
+    assert recipe is not None
+    columns = recipe.data.text_columns
+    texts = [row[columns[0]] for row in samples]
+    pairs = [row[columns[1]] for row in samples] if len(columns) == 2 else None
+    expected = batched_logits(reference, texts, pairs)
+    got = batched_logits(candidate, texts, pairs)
+    difference = float(np.abs(expected - got).max())
+    exact = dtype == "float32" and not trained_in_8bit
+    check: dict[str, Any] = {"samples": len(samples), "max_abs_logit_difference": difference}
+    if reference.labels.names is None:
+        check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE}
+        check["passed"] = difference <= check["tolerance"]["max_abs_logit_difference"]
+        return check
+    agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
+    check["label_agreement"] = agreement
+    if exact:
+        check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE}
+        check["passed"] = difference <= MAX_LOGIT_DIFFERENCE
+    else:
+        check["tolerance"] = {"label_agreement": MIN_LABEL_AGREEMENT}
+        check["passed"] = agreement >= MIN_LABEL_AGREEMENT
+    return check
+
+
+def _check_destination(target: Path, run: rundir.RunDir) -> None:
+    """An existing folder may only be replaced when it is an earlier merge of the same run."""
+    if not target.exists():
+        return
+    record_file = target / rundir.MERGE_FILE
+    if record_file.is_file():
+        source = json.loads(record_file.read_text(encoding="utf-8")).get("source_run")
+        if source == str(run.path.resolve()):
+            return
+    raise PeftuneError(f"{target} already exists and is not a merge of {run.path}; choose another --output")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _describe(check: dict[str, Any]) -> str:
+    parts = [f"max |logit difference| {check['max_abs_logit_difference']:.3g}"]
+    if "label_agreement" in check:
+        parts.append(f"label agreement {check['label_agreement']:.3f}")
+    parts.append(f"tolerance {check['tolerance']}")
+    return ", ".join(parts)
+
+
+def _readme(recipe: Recipe, labels: Labels, record: dict[str, Any]) -> str:
+    names = ", ".join(labels.names) if labels.names else "a regression score"
+    return f"""# {recipe.name} (merged)
+
+A standalone text classifier: the {recipe.method} adapter of peftune run `{recipe.name}` folded into
+`{recipe.model.name_or_path}`, saved in {record["dtype"]}. It needs no peft to load.
+
+- Labels: {names}
+- Check against the adapter model on {record["check"]["samples"]} eval rows: {_describe(record["check"])}
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="path/to/this/folder")
+print(classifier("A sentence to classify."))
+```
+
+`recipe.yaml` is the training recipe, `merge.json` the record of this merge.
+"""

@@ -1,0 +1,164 @@
+"""Predict: labels and scores for new text, from a run folder, a merged or exported folder, or a Hub id."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftune.data import Labels, read_table
+from peftune.errors import PeftuneError
+from peftune.modeling import LoadedModel, load_target
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = (".csv", ".tsv", ".jsonl")
+DEFAULT_MAX_LENGTH = 512
+
+
+def batched_logits(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
+    """Logits for every text (or text pair), batched by length so that little padding is computed."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    max_length = loaded.recipe.data.max_length if loaded.recipe else _model_max_length(tokenizer)
+    encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
+    device = next(model.parameters()).device
+    out: np.ndarray | None = None
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="Predicting", unit="batch", disable=not progress or len(starts) < 2):
+        index = order[start : start + batch_size]
+        batch = tokenizer.pad({k: [encoded[k][i] for i in index] for k in encoded}, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**batch.to(device)).logits.float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(order), logits.shape[-1]), dtype=np.float32)
+        out[index] = logits
+    return out if out is not None else np.empty((0, loaded.labels.num_labels), dtype=np.float32)
+
+
+def to_predictions(logits: np.ndarray, labels: Labels, probabilities: bool = False) -> list[dict[str, Any]]:
+    """One record per row: the label and its probability, or the score for regression."""
+    if labels.names is None:
+        return [{"score": float(value)} for value in logits.reshape(-1)]
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = shifted / shifted.sum(axis=-1, keepdims=True)
+    records = []
+    for row in probs:
+        best = int(row.argmax())
+        record: dict[str, Any] = {"label": labels.names[best], "score": float(row[best])}
+        if probabilities:
+            record["probabilities"] = {name: float(p) for name, p in zip(labels.names, row, strict=True)}
+        records.append(record)
+    return records
+
+
+def predict_texts(
+    target: str | Path | LoadedModel,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    batch_size: int = 64,
+    probabilities: bool = False,
+) -> list[dict[str, Any]]:
+    """Predict labels for texts (and their pair sentences, for a pair model)."""
+    loaded = target if isinstance(target, LoadedModel) else load_target(target)
+    _check_pairs(loaded, pairs is not None)
+    if pairs is not None and len(pairs) != len(texts):
+        raise PeftuneError(f"got {len(texts)} texts but {len(pairs)} pair texts; give one --pair per --text")
+    logits = batched_logits(loaded, texts, pairs, batch_size)
+    return [
+        {"text": text, **({"pair": pairs[i]} if pairs is not None else {}), **record}
+        for i, (text, record) in enumerate(
+            zip(texts, to_predictions(logits, loaded.labels, probabilities), strict=True)
+        )
+    ]
+
+
+def predict_file(
+    target: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    text_columns: Sequence[str] = (),
+    batch_size: int = 64,
+    probabilities: bool = False,
+) -> int:
+    """Predict every row of a CSV/TSV/JSONL/parquet file; write its columns plus label and score. Returns rows."""
+    output = Path(output_path)
+    if output.suffix not in OUTPUT_FORMATS:
+        raise PeftuneError(f"cannot write {output}: the output must end in {', '.join(OUTPUT_FORMATS)}")
+    if output.resolve() == Path(input_path).resolve():
+        raise PeftuneError(f"{output} is also the input file; write the predictions to another file")
+    loaded = load_target(target)
+    columns = list(text_columns) or (loaded.recipe.data.text_columns if loaded.recipe else ["text"])
+    table = read_table(input_path)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise PeftuneError(
+            f"{input_path} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
+            "name the text columns with --text-column"
+        )
+    _check_pairs(loaded, len(columns) == 2)
+    texts = [_text(value, columns[0], i) for i, value in enumerate(table[columns[0]])]
+    pairs = [_text(value, columns[1], i) for i, value in enumerate(table[columns[1]])] if len(columns) == 2 else None
+    logits = batched_logits(loaded, texts, pairs, batch_size, progress=True)
+    records = to_predictions(logits, loaded.labels, probabilities)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    _write(partial, table.to_list(), records, loaded.labels)
+    partial.replace(output)
+    return len(records)
+
+
+def _write(path: Path, rows: list[dict], records: list[dict], labels: Labels) -> None:
+    if path.name.endswith(".jsonl.partial"):
+        with open(path, "w", encoding="utf-8") as f:
+            for row, record in zip(rows, records, strict=True):
+                f.write(json.dumps({**row, **record}, ensure_ascii=False, default=str) + "\n")
+        return
+    flat = []
+    for row, record in zip(rows, records, strict=True):
+        probs = record.pop("probabilities", None)
+        flat.append({**row, **record, **({f"p_{k}": v for k, v in probs.items()} if probs else {})})
+    delimiter = "\t" if path.name.endswith(".tsv.partial") else ","
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["label", "score"], delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def _check_pairs(loaded: LoadedModel, has_pairs: bool) -> None:
+    if loaded.recipe is None:
+        return
+    wants_pairs = len(loaded.recipe.data.text_columns) == 2
+    if wants_pairs and not has_pairs:
+        raise PeftuneError(
+            "this model was trained on sentence pairs "
+            f"({' + '.join(loaded.recipe.data.text_columns)}); give --pair with each --text, or two text columns"
+        )
+    if has_pairs and not wants_pairs:
+        raise PeftuneError("this model was trained on single sentences; give --text without --pair, or one column")
+
+
+def _text(value: Any, column: str, row: int) -> str:
+    if not isinstance(value, str):
+        raise PeftuneError(f"row {row + 1} has no text in column {column!r} ({value!r}); fix or remove that row")
+    return value
+
+
+def _model_max_length(tokenizer: Any) -> int:
+    length = getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
+    return length if isinstance(length, int) and 0 < length <= 8192 else DEFAULT_MAX_LENGTH

@@ -1,0 +1,257 @@
+"""Using a trained run: eval, predict, merge and export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tiny
+from click.testing import CliRunner
+
+from peftune.cli import main
+from peftune.errors import PeftuneError
+from peftune.evaluation import evaluate
+from peftune.export import export_model
+from peftune.merge import merge_adapter
+from peftune.modeling import load_target
+from peftune.predict import batched_logits, predict_file, predict_texts
+from peftune.recipe import load_recipe
+from peftune.train import train
+
+NEW_TEXTS = [
+    "The screen is gorgeous and the battery never quits.",
+    "Cold food, rude staff, never again.",
+    "It works.",
+    "The course notes were a great reference, and the teacher explained hard ideas simply.",
+]
+
+
+def eval_texts(reviews) -> tuple[list[str], list[str]]:
+    with open(reviews[1], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(PeftuneError) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# --- merge ----------------------------------------------------------------------------------------------
+
+
+def test_merged_folder_works_in_a_plain_pipeline_like_predict(runs, reviews, tmp_path):
+    from transformers import pipeline
+
+    merged = merge_adapter(runs["lora"], output=tmp_path / "merged")
+    record = json.loads((merged / "merge.json").read_text())
+    assert record["check"]["passed"] and record["check"]["max_abs_logit_difference"] < 1e-3
+    assert not list(merged.glob("adapter_*")), "standalone: no peft files"
+    texts, _ = eval_texts(reviews)
+    classifier = pipeline("text-classification", model=str(merged))
+    from_pipeline = [p["label"] for p in classifier(texts)]
+    from_run = [p["label"] for p in predict_texts(runs["lora"], texts)]
+    assert from_pipeline == from_run
+    assert set(from_pipeline) <= {"negative", "positive"}
+
+
+def test_merging_twice_is_harmless(runs, tmp_path):
+    first = merge_adapter(runs["lora"], output=tmp_path / "m")
+    weights = (first / "model.safetensors").read_bytes()
+    second = merge_adapter(runs["lora"], output=tmp_path / "m")
+    assert second == first and (second / "model.safetensors").read_bytes() == weights
+
+
+def test_merge_in_half_precision(runs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    merged = merge_adapter(runs["lora"], output=tmp_path / "half", dtype="bfloat16")
+    model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert str(model.dtype) == "torch.bfloat16"
+    assert json.loads((merged / "merge.json").read_text())["check"]["label_agreement"] >= 0.98
+
+
+def test_merge_of_an_8bit_run_goes_into_full_precision(runs, tmp_path):
+    """The fp32 merge agrees with the adapter model at least as well as a merge into int8 weights."""
+    reference = load_target(runs["lora8"])  # the adapter on its int8 base, as trained
+    texts = [row["text"] for row in reference.samples]
+    expected = batched_logits(reference, texts)
+
+    merged = load_target(merge_adapter(runs["lora8"], output=tmp_path / "m8"))
+    assert all(p.dtype.is_floating_point for p in merged.model.parameters()), "no int8 weights in the merge"
+    fp32_logits = batched_logits(merged, texts)
+
+    reference.model = reference.model.merge_and_unload()  # what peft does to int8 weights: re-quantize
+    int8_logits = batched_logits(reference, texts)
+
+    fp32_difference = np.abs(fp32_logits - expected).mean()
+    int8_difference = np.abs(int8_logits - expected).mean()
+    fp32_agreement = (fp32_logits.argmax(-1) == expected.argmax(-1)).mean()
+    int8_agreement = (int8_logits.argmax(-1) == expected.argmax(-1)).mean()
+    print(f"mean |logit diff| fp32 {fp32_difference:.2e} int8 {int8_difference:.2e}; "
+          f"agreement fp32 {fp32_agreement:.3f} int8 {int8_agreement:.3f}")  # fmt: skip
+    assert fp32_agreement >= int8_agreement
+    assert fp32_difference <= int8_difference
+
+
+def test_merge_refusals(runs, tmp_path):
+    message = one_line_error(merge_adapter, runs["prefix"])
+    assert "cannot be folded into the weights" in message and "peftune predict" in message and "export" in message
+    message = one_line_error(merge_adapter, runs["full"])
+    assert "nothing to merge" in message and str(runs["full"] / "model") in message
+    assert "not found" in one_line_error(merge_adapter, tmp_path / "no-run")
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["lora"], broken)
+    (broken / "metrics.json").unlink()
+    assert "incomplete run" in one_line_error(merge_adapter, broken)
+    (tmp_path / "taken").mkdir()
+    assert "is not a merge of" in one_line_error(merge_adapter, runs["lora"], output=tmp_path / "taken")
+
+
+# --- export ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "prefix"])
+def test_onnx_export_matches_pytorch_under_onnxruntime(runs, tmp_path, kind):
+    import onnxruntime
+
+    folder, record = export_model(runs[kind], "onnx", output=tmp_path / "onnx")
+    assert record["check"]["max_abs_logit_difference"] < 1e-4
+    assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    assert (folder / "tokenizer_config.json").is_file() and (folder / "labels.json").is_file()
+
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    loaded = load_target(runs[kind])
+    for size in (1, 3):  # batch and sequence sizes other than the traced example
+        batch = loaded.tokenizer(NEW_TEXTS[:size], padding=True, return_tensors="np")
+        inputs = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}
+        onnx_logits = session.run(["logits"], inputs)[0]
+        torch_logits = batched_logits(loaded, NEW_TEXTS[:size])
+        assert np.abs(onnx_logits - torch_logits).max() < 1e-4
+
+
+def test_safetensors_export_in_a_chosen_dtype(runs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    folder, _ = export_model(runs["full"], "safetensors", output=tmp_path / "st", dtype="float16")
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert str(model.dtype) == "torch.float16" and model.config.id2label[1] == "positive"
+    merged_export, _ = export_model(runs["lora"], "safetensors", output=tmp_path / "lora-st")
+    assert (merged_export / "model.safetensors").is_file() and not list(merged_export.glob("adapter_*"))
+
+
+def test_export_refusals(runs, tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert "already exists" in one_line_error(export_model, runs["full"], "onnx", output=tmp_path / "exists")
+    message = one_line_error(export_model, runs["prefix"], "safetensors", output=tmp_path / "p")
+    assert "already safetensors" in message and "--format onnx" in message
+    assert "ONNX export writes float32" in one_line_error(
+        export_model, runs["full"], "onnx", output=tmp_path / "o", dtype="float16"
+    )
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+# --- eval -----------------------------------------------------------------------------------------------
+
+
+def test_eval_reproduces_the_training_metrics(runs):
+    result = evaluate(runs["lora"])
+    recorded = json.loads((runs["lora"] / "metrics.json").read_text())["eval"]
+    assert result["metrics"]["accuracy"] == pytest.approx(recorded["accuracy"])
+    assert result["metrics"]["f1"] == pytest.approx(recorded["f1"])
+    matrix = np.array(result["confusion_matrix"]["rows_true_columns_predicted"])
+    assert matrix.sum() == 32 and matrix.trace() / 32 == pytest.approx(recorded["accuracy"])
+    assert json.loads((runs["lora"] / "eval-validation.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_eval_on_other_data_and_on_a_merged_folder(runs, tmp_path):
+    other = tiny.write_reviews(tmp_path / "other.csv", 20, start=200)
+    result = evaluate(runs["full"], overrides=[f"data.files.validation={other}"], output=tmp_path / "e.json")
+    assert result["examples"] == 20 and (tmp_path / "e.json").is_file()
+    merged = merge_adapter(runs["lora"], output=tmp_path / "merged")
+    assert evaluate(merged)["metrics"] == evaluate(runs["lora"])["metrics"]
+    assert "only data.* overrides" in one_line_error(evaluate, runs["lora"], overrides=["method=full"])
+    train_split = evaluate(runs["lora"], split="train", output=tmp_path / "t.json")
+    assert train_split["split"] == "train" and train_split["examples"] == 64
+
+
+# --- predict --------------------------------------------------------------------------------------------
+
+
+def test_predict_texts_and_files(runs, tmp_path):
+    records = predict_texts(runs["lora"], NEW_TEXTS, probabilities=True)
+    assert [r["text"] for r in records] == NEW_TEXTS
+    for record in records:
+        assert record["label"] in ("negative", "positive")
+        assert record["score"] == pytest.approx(max(record["probabilities"].values()))
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+    source = tiny.write_reviews(tmp_path / "in.csv", 40, start=300)
+    assert predict_file(runs["lora"], source, tmp_path / "out.csv") == 40
+    with open(tmp_path / "out.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["text", "label", "score"] and len(rows) == 40
+    with open(source, encoding="utf-8") as f:
+        texts = [r["text"] for r in csv.DictReader(f)]
+    assert [r["label"] for r in rows] == [r["label"] for r in predict_texts(runs["lora"], texts)]
+
+    predict_file(runs["full"], source, tmp_path / "out.jsonl", probabilities=True)
+    first = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"text", "label", "score", "probabilities"}
+
+
+def test_predict_from_every_kind_of_target_agrees(runs, tmp_path):
+    merged = merge_adapter(runs["lora"], output=tmp_path / "merged")
+    exported, _ = export_model(runs["lora"], "safetensors", output=tmp_path / "exported")
+    labels = [[r["label"] for r in predict_texts(t, NEW_TEXTS)] for t in (runs["lora"], merged, exported)]
+    assert labels[0] == labels[1] == labels[2]
+
+
+def test_predict_pairs(tmp_path, tiny_models):
+    texts = tiny.corpus()[:40]
+    rows = [{"a": t, "b": texts[-i], "label": i % 2} for i, t in enumerate(texts)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny.write_recipe(
+        tmp_path / "r.yaml", tiny_models("roberta"), tmp_path / "train.jsonl", None, data__text_columns=["a", "b"]
+    )
+    run = train(load_recipe(str(recipe)), output_dir=tmp_path / "run").path
+    records = predict_texts(run, ["first", "second"], pairs=["one", "two"])
+    assert [r["pair"] for r in records] == ["one", "two"]
+    assert "trained on sentence pairs" in one_line_error(predict_texts, run, ["first"])
+    assert "one --pair per --text" in one_line_error(predict_texts, run, ["a", "b"], pairs=["x"])
+    predict_file(run, tmp_path / "train.jsonl", tmp_path / "p.tsv")
+    assert (tmp_path / "p.tsv").read_text().splitlines()[0].split("\t") == ["a", "b", "label", "score"]
+
+
+def test_predict_errors(runs, tmp_path):
+    source = tiny.write_reviews(tmp_path / "in.csv", 4)
+    assert "also the input file" in one_line_error(predict_file, runs["lora"], source, source)
+    assert "must end in" in one_line_error(predict_file, runs["lora"], source, tmp_path / "out.xlsx")
+    assert "no column 'review'" in one_line_error(predict_file, runs["lora"], source, tmp_path / "o.csv", ["review"])
+    assert "input file not found" in one_line_error(
+        predict_file, runs["lora"], tmp_path / "nope.csv", tmp_path / "o.csv"
+    )
+    assert "could not be loaded from the Hub" in one_line_error(predict_texts, "some-org/some-model", ["hi"])
+    assert "not a run folder" in one_line_error(predict_texts, str(tmp_path / "nothing"), ["hi"])
+
+
+def test_commands(runs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["predict", str(runs["lora"]), "--text", "Great phone.", "--text", "Awful hotel."])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["Great phone.", "Awful hotel."]
+    result = runner.invoke(main, ["eval", str(runs["full"]), "--output", str(tmp_path / "e.json")])
+    assert result.exit_code == 0 and "accuracy" in result.stdout and "confusion matrix" in result.stdout
+    result = runner.invoke(main, ["merge", str(runs["lora"]), "--output", str(tmp_path / "m")])
+    assert result.exit_code == 0 and "max |logit difference|" in result.stdout
+    result = runner.invoke(main, ["export", str(runs["full"]), "--format", "onnx", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 0 and "onnxruntime vs PyTorch" in result.stdout
+    result = runner.invoke(main, ["merge", str(runs["prefix"])])
+    assert result.exit_code == 2 and result.stderr.startswith("error: prefix tuning adds trained vectors")
+    result = runner.invoke(main, ["predict", str(runs["lora"])])
+    assert result.exit_code == 2 and "give either --text" in result.output
