@@ -36,7 +36,9 @@ class _Group(click.Group):
 def main(debug: bool, quiet: bool) -> None:
     """Fine-tune text classifiers: full fine-tuning, LoRA and prefix tuning, from YAML recipes."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "datasets", "peft", "accelerate", "httpx", "huggingface_hub"):
+    # Library chatter: transformers' load reports (peftune logs the new modules itself), and bitsandbytes'
+    # note on every int8 matmul that fp32 inputs are cast to fp16, which is how its int8 kernels work.
+    for noisy in ("transformers", "datasets", "peft", "accelerate", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -81,11 +83,14 @@ def copy_command(recipe: str, dest: str, force: bool) -> None:
 @overrides_argument
 def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE and its overrides without loading weights or data."""
+    from peftune.modeling import check_model_if_reachable
     from peftune.recipe import check_passthrough, load_recipe
 
     resolved = load_recipe(recipe, overrides)
     check_passthrough(resolved)
-    click.echo(f"ok: {resolved.name} ({resolved.method} on {resolved.model.name_or_path})")
+    checked = check_model_if_reachable(resolved)
+    note = "" if checked else "; the model's config is not reachable offline, so its checks run when training starts"
+    click.echo(f"ok: {resolved.name} ({resolved.method} on {resolved.model.name_or_path}){note}")
 
 
 @main.command("train")
@@ -109,3 +114,126 @@ def train_command(recipe: str, overrides: tuple[str, ...], output_dir: str | Non
         f"{record['train_runtime_s']:.0f} s)"
     )
     click.echo(f"run folder: {run.path}")
+
+
+@main.command("eval")
+@click.argument("target")
+@overrides_argument
+@click.option("--split", help="Split to score (default: the recipe's eval split).")
+@click.option("--output", type=click.Path(), help="JSON file to write (default: TARGET/eval-SPLIT.json).")
+@click.option("--batch-size", default=64, show_default=True)
+def eval_command(
+    target: str, overrides: tuple[str, ...], split: str | None, output: str | None, batch_size: int
+) -> None:
+    """Score TARGET (a run folder or a merged folder) again; data.KEY=VALUE points it at other data."""
+    from peftune.evaluation import evaluate, format_result
+
+    result = evaluate(target, split=split, overrides=overrides, output=output, batch_size=batch_size)
+    click.echo(format_result(result))
+    if "written_to" in result:
+        click.echo(f"\nwritten to {result['written_to']}")
+
+
+@main.command("predict")
+@click.argument("target")
+@click.option("--text", "texts", multiple=True, help="A text to classify (repeat for more).")
+@click.option("--pair", "pairs", multiple=True, help="The second sentence of each --text, for a pair model.")
+@click.option("--input", "input_path", type=click.Path(), help="CSV, TSV, JSONL or parquet file to classify.")
+@click.option("--output", "output_path", type=click.Path(), help="Where to write predictions (.csv, .tsv, .jsonl).")
+@click.option("--text-column", "text_columns", multiple=True, help="Text column(s) of --input (default: the recipe's).")
+@click.option("--probabilities", is_flag=True, help="Add the probability of every class.")
+@click.option("--batch-size", default=64, show_default=True)
+def predict_command(
+    target: str,
+    texts: tuple[str, ...],
+    pairs: tuple[str, ...],
+    input_path: str | None,
+    output_path: str | None,
+    text_columns: tuple[str, ...],
+    probabilities: bool,
+    batch_size: int,
+) -> None:
+    """Classify text with TARGET: a run folder, a merged or exported folder, or a Hub model id."""
+    import json
+
+    from peftune.predict import predict_file, predict_texts
+
+    if bool(texts) == bool(input_path):
+        raise click.UsageError("give either --text (one or more) or --input FILE --output FILE")
+    if input_path:
+        if not output_path:
+            raise click.UsageError("--input needs --output FILE")
+        rows = predict_file(target, input_path, output_path, text_columns, batch_size, probabilities)
+        click.echo(f"wrote {rows} predictions to {output_path}")
+        return
+    for record in predict_texts(target, texts, pairs or None, batch_size, probabilities):
+        click.echo(json.dumps(record, ensure_ascii=False))
+
+
+@main.command("merge")
+@click.argument("run")
+@click.option("--output", type=click.Path(), help="Folder for the merged model (default: RUN/merged).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+def merge_command(run: str, output: str | None, dtype: str) -> None:
+    """Fold RUN's LoRA (or IA3) adapter into its base: a standalone model folder, checked against the adapter."""
+    import json
+
+    from peftune.merge import merge_adapter
+    from peftune.rundir import MERGE_FILE
+
+    folder = merge_adapter(run, output=output, dtype=dtype)
+    check = json.loads((folder / MERGE_FILE).read_text())["check"]
+    agreement = f", label agreement {check['label_agreement']:.3f}" if "label_agreement" in check else ""
+    click.echo(
+        f"merged into {folder} ({dtype}); on {check['samples']} eval rows: "
+        f"max |logit difference| {check['max_abs_logit_difference']:.2e}{agreement}"
+    )
+
+
+@main.command("export")
+@click.argument("target")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "safetensors"]), required=True)
+@click.option("--output", type=click.Path(), help="Folder to create (default: TARGET/export-FORMAT).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+def export_command(target: str, fmt: str, output: str | None, dtype: str) -> None:
+    """Export TARGET (a run folder or a merged folder) as ONNX or safetensors."""
+    from peftune.export import export_model
+
+    folder, record = export_model(target, fmt, output=output, dtype=dtype)
+    check = record["check"]
+    detail = f"; onnxruntime vs PyTorch max |logit difference| {check['max_abs_logit_difference']:.2e}" if check else ""
+    click.echo(f"exported {fmt} ({dtype}) to {folder}{detail}")
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)  # fmt: skip
+@click.option("--sort", help="Column to sort by, ascending; -COLUMN for descending (e.g. --sort -metric).")
+@click.option("--plot", "plot_file", type=click.Path(), help="Draw eval curves and trade-off charts into FILE.png.")
+def compare_command(runs: tuple[str, ...], fmt: str, sort: str | None, plot_file: str | None) -> None:
+    """Compare run folders side by side: metric, trainable parameters, time, memory, size."""
+    from peftune.compare import compare_runs
+
+    click.echo(compare_runs(runs, fmt, sort, plot_file), nl=False)
+    if plot_file:
+        click.echo(f"chart written to {plot_file}", err=True)
+
+
+@main.command("sweep")
+@click.argument("recipe")
+@overrides_argument
+@click.option("--grid", "grids", multiple=True, required=True, help="KEY=V1,V2,... (repeat for a product).")
+@click.option("--output-dir", type=click.Path(), help="Sweep folder (default: runs/NAME-sweep).")
+def sweep_command(recipe: str, overrides: tuple[str, ...], grids: tuple[str, ...], output_dir: str | None) -> None:
+    """Train the product of the grids on RECIPE, one run each, and write a comparison report.
+
+    Runs already complete in the sweep folder are reused, so an interrupted sweep resumes.
+    """
+    from peftune.compare import best_first, collect, render
+    from peftune.sweep import REPORT_FILE, sweep
+
+    result = sweep(recipe, grids, overrides, output_dir, echo=click.echo)
+    if result.runs:
+        click.echo("\n" + render(best_first(collect(result.runs)), "table"), nl=False)
+    click.echo(f"\nreport: {result.path / REPORT_FILE}")

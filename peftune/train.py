@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import resource
@@ -22,6 +23,7 @@ from peftune.recipe import Recipe, check_passthrough
 
 log = logging.getLogger(__name__)
 
+SAMPLES = 128  # eval rows kept in the run folder for the checks of merge and export
 LIBRARIES = ("peftune", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
 
 
@@ -35,8 +37,12 @@ def train(
     output_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> rundir.RunDir:
-    """Fine-tune the recipe's model on its data and write a complete run folder; return it."""
+    """Fine-tune the recipe's model on its data and write a complete run folder; return it.
+
+    `callbacks` are `transformers.TrainerCallback`s handed to the Trainer.
+    """
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
@@ -46,6 +52,7 @@ def train(
             f"{run.path} already holds a complete run; pass --overwrite to replace it or --output-dir elsewhere"
         )
     check_passthrough(recipe)
+    modeling.check_model(recipe, modeling.load_config(recipe.model))
     set_seed(recipe.seed)
 
     tokenizer = modeling.load_tokenizer(recipe.model)
@@ -61,6 +68,7 @@ def train(
     )  # fmt: skip
 
     base, fresh = modeling.load_base_model(recipe.model, labels)
+    _, base_parameters = modeling.count_parameters(base)
     model = modeling.attach_method(base, recipe, fresh)
     trainable, total = modeling.count_parameters(model)
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", recipe.method, f"{trainable:,}",
@@ -84,6 +92,7 @@ def train(
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
         processing_class=tokenizer,
         compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
+        callbacks=list(callbacks),
     )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -91,6 +100,7 @@ def train(
     result = trainer.train()
     train_seconds = time.perf_counter() - started
     history = _eval_history(trainer.state.log_history)
+    tokens = sum(len(ids) for ids in train_set["input_ids"]) * (trainer.state.epoch or 0)
     if history and history[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
         eval_metrics = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
@@ -100,6 +110,9 @@ def train(
     model.save_pretrained(str(weights))  # the object Trainer trained, best checkpoint loaded into it
     tokenizer.save_pretrained(weights)
     run.write_json(rundir.LABELS_FILE, labels.to_json())
+    columns = [*recipe.data.text_columns, recipe.data.label_column]
+    samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
+    run.write_text(rundir.SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
 
     record = {
         "name": recipe.name,
@@ -120,10 +133,14 @@ def train(
         "global_steps": trainer.state.global_step,
         "train_runtime_s": round(train_seconds, 3),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_tokens_per_second": round(tokens / train_seconds, 1),
         "train_loss": result.metrics.get("train_loss"),
         "peak_memory_mb": _peak_memory_mb(on_gpu),
         "peak_memory_kind": "cuda_max_allocated" if on_gpu else "process_max_rss",
-        "model_memory_mb": round(modeling_footprint(model) / 2**20, 2),
+        "model_memory_mb": round(modeling.memory_footprint(model) / 2**20, 2),
+        "weights_mb": round(_size_on_disk(weights) / 2**20, 3),
+        "standalone_model_mb": round(_standalone_bytes(model, base_parameters, METHODS[recipe.method]) / 2**20, 3),
+        "load_in_8bit": recipe.model.load_in_8bit,
         "device": str(args.device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": library_versions(),
@@ -146,12 +163,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def modeling_footprint(model: Any) -> int:
-    """Bytes held by the model's parameters and buffers."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _with_best_model_metric(kwargs: dict[str, Any], primary: str) -> dict[str, Any]:
     """Keeping the best checkpoint ranks by the primary metric unless the recipe names another."""
     if kwargs.get("load_best_model_at_end") and not kwargs.get("metric_for_best_model"):
@@ -167,6 +178,22 @@ def _eval_metrics(logged: dict[str, Any]) -> dict[str, Any]:
         for key, value in logged.items()
         if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second"))
     }
+
+
+def _size_on_disk(folder: Path) -> int:
+    """Bytes of the saved weights (adapter or model), without the tokenizer and configs."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _standalone_bytes(model: Any, base_parameters: int, method: Any) -> int:
+    """Size of the standalone model the run yields, in float32 (merge and export reload the base in it).
+
+    Full runs and merged adapters have the base's parameters; prefix and prompt adapters cannot be merged,
+    so their standalone model (an export) carries the trained virtual tokens beside the base.
+    """
+    virtual = (p.numel() for name, p in model.named_parameters() if "prompt_encoder" in name)
+    extra = sum(virtual) if method.virtual_tokens else 0
+    return (base_parameters + extra) * 4
 
 
 def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

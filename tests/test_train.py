@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from peftune.errors import PeftuneError
+from peftune.methods import METHODS
 from peftune.recipe import load_recipe
 from peftune.rundir import open_run
 from peftune.train import train
@@ -58,7 +59,7 @@ def test_lora_run_folder_reloads_to_the_same_model(tmp_path, tiny_bert, reviews)
 
     resolved = load_recipe(str(run / "recipe.yaml"))
     assert resolved == load_recipe(str(tmp_path / "recipe.yaml"), ["train.num_train_epochs=2", "seed=3"])
-    assert resolved.lora["r"] == 16, "the defaults are written out"
+    assert resolved.lora["r"] == METHODS["lora"].defaults["r"], "the defaults are written out"
 
     labels = json.loads((run / "labels.json").read_text())
     assert labels["id2label"] == {"0": "negative", "1": "positive"}
@@ -68,7 +69,7 @@ def test_lora_run_folder_reloads_to_the_same_model(tmp_path, tiny_bert, reviews)
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
     assert metrics["trainable_share"] == pytest.approx(metrics["trainable_parameters"] / metrics["total_parameters"])
     assert [e["epoch"] for e in metrics["eval_history"]] == [1.0, 2.0]
-    assert metrics["learning_rate"] == pytest.approx(1e-3)
+    assert metrics["learning_rate"] == pytest.approx(METHODS["lora"].defaults["learning_rate"])
     assert metrics["global_steps"] == 16 and metrics["train_samples"] == 64 and metrics["eval_samples"] == 32
     assert metrics["overrides"] == ["train.num_train_epochs=2", "seed=3"]
     assert {"torch", "transformers", "peft", "python"} <= set(metrics["versions"])
@@ -186,6 +187,6 @@ def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_bert, reviews
     recipe_file = tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews, data__text_columns=["sentence"])
     with pytest.raises(PeftuneError, match="has no column 'sentence'"):
         train(load_recipe(str(recipe_file)), output_dir=tmp_path / "run")
-    with pytest.raises(PeftuneError, match=r"cannot load the tokenizer of .*nothing-here.*check model\.name_or_path"):
+    with pytest.raises(PeftuneError, match=r"model folder .*nothing-here not found; check model\.name_or_path"):
         train(load_recipe(str(recipe_file), ["model.name_or_path=" + str(tmp_path / "nothing-here")]), tmp_path / "run")
     assert not (tmp_path / "run").exists()

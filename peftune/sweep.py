@@ -1,0 +1,230 @@
+"""Sweep: train the cartesian product of override grids, one run folder each, then write the comparison.
+
+Each run trains in its own process (`python -m peftune train`), so a crash stays in its run and every run's
+peak memory is its own. A run folder that is already complete is skipped, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftune import compare, modeling, rundir
+from peftune.errors import PeftuneError
+from peftune.methods import METHODS
+from peftune.recipe import Recipe, check_passthrough, load_recipe, local_path
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "comparison.png"
+SWEEP_FILE = "sweep.json"
+LOGS_DIR = "logs"
+
+
+@dataclass
+class Plan:
+    """One combination of the grids: its overrides, or why it does not apply."""
+
+    assignments: dict[str, str]
+    name: str
+    skipped: str | None = None
+
+
+@dataclass
+class SweepResult:
+    path: Path
+    runs: list[Path] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def parse_grid(item: str) -> tuple[str, list[str]]:
+    """`KEY=V1,V2,...` as the key and its values (each read as YAML when the run's recipe is loaded)."""
+    key, sep, values = item.partition("=")
+    choices = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not choices:
+        raise PeftuneError(f"--grid {item!r} is not KEY=V1,V2,...; write it like --grid method=full,lora")
+    return key.strip(), choices
+
+
+def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list[Plan]:
+    """The runs a sweep makes: the product of the grids, less the settings that do not apply to a run.
+
+    A key of another method's block (`lora.r` in a `prefix` run) is dropped from that run, so the product
+    does not train the same run twice; a combination the model cannot do (prefix tuning without
+    `past_key_values`, full fine-tuning of 8-bit weights) is listed as skipped, with the reason.
+    """
+    axes = [parse_grid(item) for item in grids]
+    if not axes:
+        raise PeftuneError("a sweep needs at least one --grid KEY=V1,V2,...")
+    keys = [key for key, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise PeftuneError(f"--grid names a key twice ({', '.join(keys)}); give each key one --grid with all values")
+    base = load_recipe(spec, overrides)
+    config = _config_if_reachable(base)
+    plans: dict[tuple[tuple[str, str], ...], Plan] = {}
+    for values in itertools.product(*(choices for _, choices in axes)):
+        assignments = dict(zip(keys, values, strict=True))
+        method = str(yaml.safe_load(assignments["method"])) if "method" in assignments else base.method
+        if method not in METHODS:  # let the recipe check name it, with its hint
+            load_recipe(spec, [*overrides, f"method={method}"])
+        assignments = _applicable(assignments, method)
+        identity = tuple(assignments.items())
+        if identity in plans:
+            continue
+        reason = _not_applicable(assignments, method, base, spec, overrides, config)
+        plans[identity] = Plan(assignments, run_name(assignments), reason)
+    return list(plans.values())
+
+
+def sweep(
+    spec: str,
+    grids: Sequence[str],
+    overrides: Sequence[str] = (),
+    output_dir: str | Path | None = None,
+    echo: Any = print,
+) -> SweepResult:
+    """Train every planned run that is not complete yet, then write the report; return what happened."""
+    plans = plan(spec, grids, overrides)
+    base = load_recipe(spec, overrides)
+    result = SweepResult(Path(output_dir) if output_dir else Path("runs") / f"{base.name}-sweep")
+    result.path.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in plans if p.skipped is None]
+    for number, item in enumerate(todo, 1):
+        run = rundir.RunDir(result.path / item.name)
+        where = f"[{number}/{len(todo)}] {item.name}"
+        if run.is_complete():
+            echo(f"{where}: complete, reused")
+            result.reused.append(item.name)
+        else:
+            echo(f"{where}: training (log: {result.path / LOGS_DIR / (item.name + '.log')})")
+            if _train(spec, [*overrides, *_overrides(item.assignments)], run.path, result.path / LOGS_DIR):
+                result.trained.append(item.name)
+            else:
+                echo(f"{where}: FAILED, see its log")
+                result.failed.append(item.name)
+                continue
+        result.runs.append(run.path)
+    result.skipped = [{"run": p.name, "reason": p.skipped} for p in plans if p.skipped]
+    for skipped in result.skipped:
+        echo(f"skipped {skipped['run']}: {skipped['reason']}")
+    write_report(result, spec, grids, overrides)
+    if result.failed:
+        raise PeftuneError(
+            f"{len(result.failed)} run(s) failed ({', '.join(result.failed)}); read their logs in "
+            f"{result.path / LOGS_DIR}, fix the cause and run the sweep again to resume"
+        )
+    return result
+
+
+def write_report(result: SweepResult, spec: str, grids: Sequence[str], overrides: Sequence[str]) -> None:
+    """report.md (table and chart), comparison.csv/.json, comparison.png and sweep.json in the sweep folder."""
+    rows = compare.best_first(compare.collect(result.runs)) if result.runs else []
+    for row in rows:  # run folders by their name inside the sweep, so the report reads the same anywhere
+        row["run"] = Path(row["run"]).name
+    histories = [rundir.RunDir(result.path / row["run"]).read_metrics().get("eval_history") or [] for row in rows]
+    if rows:
+        compare.plot(rows, histories, result.path / PLOT_FILE)
+    (result.path / "comparison.csv").write_text(compare.render(rows, "csv"), encoding="utf-8")
+    (result.path / "comparison.json").write_text(compare.render(rows, "json"), encoding="utf-8")
+    record = {"recipe": spec, "grids": list(grids), "overrides": list(overrides), "runs": [r["run"] for r in rows],
+              "skipped": result.skipped, "failed": result.failed}  # fmt: skip
+    (result.path / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    lines = [
+        f"# Sweep: {spec}",
+        "",
+        f"Grids: {', '.join(f'`{g}`' for g in grids)}" + (f"; overrides: `{' '.join(overrides)}`" if overrides else ""),
+        "",
+        "Best first by each run's primary metric. Values are from each run's `metrics.json` "
+        "(peak memory: process RSS on CPU, max allocated on GPU; standalone: the float32 model the run yields).",
+        "",
+        compare.render(rows, "markdown") if rows else "No run completed.",
+    ]
+    if rows:
+        lines += ["", f"![eval curves, and the metric against parameters, time and memory]({PLOT_FILE})"]
+    if result.skipped:
+        lines += ["", "Skipped (do not apply):", ""]
+        lines += [f"- `{s['run']}`: {s['reason']}" for s in result.skipped]
+    if result.failed:
+        lines += ["", "Failed (see `logs/`): " + ", ".join(f"`{name}`" for name in result.failed)]
+    (result.path / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_name(assignments: dict[str, str]) -> str:
+    """A folder name for a run: its grid settings, e.g. `method=lora,lora.r=4`."""
+    text = ",".join(f"{key}={value}" for key, value in assignments.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
+
+
+def _applicable(assignments: dict[str, str], method: str) -> dict[str, str]:
+    """Without the keys of other methods' blocks."""
+    return {
+        key: value
+        for key, value in assignments.items()
+        if key.split(".")[0] not in METHODS or key.split(".")[0] == method or "." not in key
+    }
+
+
+def _not_applicable(
+    assignments: dict[str, str], method: str, base: Recipe, spec: str, overrides: Sequence[str], config: Any
+) -> str | None:
+    """Why a combination cannot run (None when it can); a mistake in the grid is an error, not a skip."""
+    eight_bit = assignments.get("model.load_in_8bit")
+    in_8bit = yaml.safe_load(eight_bit) is True if eight_bit is not None else base.model.load_in_8bit
+    if in_8bit and not METHODS[method].is_adapter:
+        return "full fine-tuning cannot train 8-bit weights"
+    recipe = load_recipe(spec, [*overrides, *_overrides(assignments)])
+    check_passthrough(recipe)
+    if config is not None:
+        try:
+            METHODS[recipe.method].check_architecture(config)
+        except PeftuneError as err:
+            return str(err).split(";")[0]
+    return None
+
+
+def _config_if_reachable(recipe: Recipe) -> Any:
+    """The base model's config when it can be read here (a local folder, or the Hub when online)."""
+    import os
+
+    if os.path.exists(local_path(recipe.model.name_or_path, "model.name_or_path")) or not _offline():
+        try:
+            return modeling.load_config(recipe.model)
+        except PeftuneError:
+            return None
+    return None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _overrides(assignments: dict[str, str]) -> list[str]:
+    return [f"{key}={value}" for key, value in assignments.items()]
+
+
+def _train(spec: str, overrides: list[str], output: Path, logs: Path) -> bool:
+    """Train one run in a child process, its output in a log file; True when it completed."""
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "peftune", "train", spec, *overrides, "--output-dir", str(output)]
+    with (logs / f"{output.name}.log").open("w", encoding="utf-8") as log_file:
+        log_file.write("$ " + " ".join(command) + "\n")
+        log_file.flush()
+        finished = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    return finished.returncode == 0 and rundir.RunDir(output).is_complete()

@@ -1,0 +1,36 @@
+"""End-to-end runs on real data with the real checkpoint (minutes each): `python -m pytest -m slow`."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftune.recipe import load_recipe
+from peftune.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def data_dir(shared_data, monkeypatch):
+    folder = shared_data("sst2").parent
+    monkeypatch.setenv("PEFTUNE_DATA_DIR", str(folder))
+    return folder
+
+
+def test_quickstart_is_clearly_above_chance(tmp_path):
+    metrics = train(load_recipe("quickstart"), output_dir=tmp_path / "run").read_metrics()
+    assert metrics["primary_metric"]["value"] >= 0.8
+
+
+def test_sst2_lora_defaults_reach_83_percent_in_one_epoch(tmp_path, data_dir):
+    recipe = load_recipe("sst2-minilm")
+    assert recipe.method == "lora" and "learning_rate" not in recipe.train
+    metrics = train(recipe, output_dir=tmp_path / "lora").read_metrics()
+    assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
+    assert metrics["eval"]["accuracy"] >= 0.83
+
+
+def test_sst2_full_runs_with_its_own_learning_rate(tmp_path, data_dir):
+    metrics = train(load_recipe("sst2-minilm", ["method=full"]), output_dir=tmp_path / "full").read_metrics()
+    assert metrics["learning_rate"] == pytest.approx(5e-5)
+    assert metrics["eval"]["accuracy"] >= 0.8
