@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib.resources
 import os
 import re
@@ -169,6 +170,10 @@ class Recipe(_Strict):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, every default filled in."""
         return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
+
+    def sha256(self) -> str:
+        """A fingerprint of the resolved recipe: two runs with the same one trained the same way."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
 
 
 # --- YAML ---------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def sweep(
         run = rundir.RunDir(result.path / item.name)
         where = f"[{number}/{len(todo)}] {item.name}"
         if run.is_complete():
+            _check_same_settings(run, load_recipe(spec, [*overrides, *_overrides(item.assignments)]))
             echo(f"{where}: complete, reused")
             result.reused.append(item.name)
         else:
@@ -195,6 +196,15 @@ def _not_applicable(
         except PeftuneError as err:
             return str(err).split(";")[0]
     return None
+
+
+def _check_same_settings(run: rundir.RunDir, recipe: Recipe) -> None:
+    """A complete run is reused only when it was trained with the recipe this sweep would train it with."""
+    if run.read_metrics().get("recipe_sha256") != recipe.sha256():
+        raise PeftuneError(
+            f"{run.path} was trained with other settings than this sweep's; give the sweep another "
+            "--output-dir, or remove that run folder to train it again"
+        )
 
 
 def _config_if_reachable(recipe: Recipe) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -145,7 +144,7 @@ def train(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": library_versions(),
         "overrides": list(overrides),
-        "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
+        "recipe_sha256": recipe.sha256(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     run.write_json(rundir.METRICS_FILE, record)  # last: its presence marks the run complete

@@ -186,3 +186,7 @@ def test_sweep_trains_the_grid_reports_and_resumes(tiny_bert, reviews, tmp_path)
     for name in names[:3]:
         assert (folder / name / "metrics.json").stat().st_mtime_ns == finished[name]
     assert (folder / "method=prefix" / "metrics.json").is_file()
+
+    # The same folder with other settings is not silently reused.
+    with pytest.raises(PeftuneError, match=r"method=full was trained with other settings than this sweep's"):
+        sweep(recipe, grids, ["train.num_train_epochs=3"], folder, echo=lambda _: None)

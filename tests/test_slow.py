@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from peftune.recipe import load_recipe
@@ -34,3 +36,28 @@ def test_sst2_full_runs_with_its_own_learning_rate(tmp_path, data_dir):
     metrics = train(load_recipe("sst2-minilm", ["method=full"]), output_dir=tmp_path / "full").read_metrics()
     assert metrics["learning_rate"] == pytest.approx(5e-5)
     assert metrics["eval"]["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("overrides", [["method=prefix"], ["model.load_in_8bit=true"]], ids=["prefix", "lora-8bit"])
+def test_sst2_prefix_and_8bit_lora_complete(tmp_path, data_dir, overrides):
+    metrics = train(load_recipe("sst2-minilm", overrides), output_dir=tmp_path / "run").read_metrics()
+    assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
+    assert metrics["load_in_8bit"] == ("model.load_in_8bit=true" in overrides)
+    assert metrics["eval"]["accuracy"] >= 0.75, "clearly learned (chance is 0.51)"
+
+
+def test_sst2_merged_lora_in_a_plain_pipeline_agrees_with_predict(tmp_path, data_dir):
+    from transformers import pipeline
+
+    from peftune.merge import merge_adapter
+    from peftune.predict import predict_file
+
+    run = train(load_recipe("sst2-minilm"), output_dir=tmp_path / "lora")
+    merged = merge_adapter(run.path)
+    dev = data_dir / "sst2" / "dev.tsv"
+    predict_file(run.path, dev, tmp_path / "predictions.jsonl")
+    predicted = [json.loads(line)["label"] for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    texts = [line.split("\t")[0] for line in dev.read_text(encoding="utf-8").splitlines()[1:]]
+    piped = [out["label"] for out in pipeline("text-classification", model=str(merged))(texts, batch_size=64)]
+    assert len(piped) == len(predicted) == 872
+    assert piped == predicted
