@@ -237,3 +237,42 @@ def sweep_command(recipe: str, overrides: tuple[str, ...], grids: tuple[str, ...
     if result.runs:
         click.echo("\n" + render(best_first(collect(result.runs)), "table"), nl=False)
     click.echo(f"\nreport: {result.path / REPORT_FILE}")
+
+
+@main.command("push")
+@click.argument("run")
+@click.option("--repo-id", required=True, help="NAMESPACE/NAME of the model repository.")
+@click.option("--merged", is_flag=True, help="Push the standalone merged model instead of the adapter.")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a new repository.")
+@click.option("--revision", help="Branch to push to (created when missing).")
+@click.option("--commit-message", help="Commit message (default: Upload RUN).")
+@click.option("--base-model-id", help="Hub id of the base model, when the run loaded it from a local folder.")
+@click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0.")
+@click.option("--dry-run", is_flag=True, help="Write the folder that would be uploaded, list it, send nothing.")
+@click.option("--output", type=click.Path(), help="Where --dry-run writes the folder (default: RUN/hub-upload).")
+def push_command(
+    run: str,
+    repo_id: str,
+    merged: bool,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    base_model_id: str | None,
+    license_id: str | None,
+    dry_run: bool,
+    output: str | None,
+) -> None:
+    """Push RUN's adapter (or --merged model) to the Hugging Face Hub with a model card."""
+    from peftune.push import push
+
+    result = push(
+        run, repo_id, merged=merged, private=private, revision=revision, commit_message=commit_message,
+        dry_run=dry_run, base_model_id=base_model_id, license=license_id, output=output,
+        echo=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    for name, size in result.files:
+        click.echo(f"{size:>12,}  {name}")
+    if dry_run:
+        click.echo(f"dry run: nothing sent; the folder that would be uploaded to {repo_id} is {result.folder}")
+    else:
+        click.echo(f"pushed to {repo_id}: {result.url}")

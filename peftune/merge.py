@@ -20,7 +20,7 @@ from peftune import rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, load_base_model, load_target
+from peftune.modeling import LoadedModel, load_base_model, load_target, pushed_run
 from peftune.predict import batched_logits
 from peftune.recipe import Recipe, load_recipe
 
@@ -34,8 +34,14 @@ MAX_REGRESSION_DIFFERENCE = 0.1  # the same judgement for a regression output, i
 
 
 def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype: str = "float32") -> Path:
-    """Merge the run's adapter into its base, check it, write a standalone model folder; return its path."""
-    run = rundir.open_run(run_path)
+    """Merge the run's adapter into its base, check it, write a standalone model folder; return its path.
+
+    `run_path` may also be the Hub id of an adapter `peftune push` uploaded; its merge goes to ./NAME-merged.
+    """
+    pushed = None if Path(run_path).exists() else pushed_run(str(run_path))
+    if pushed and output is None:
+        output = Path(f"{str(run_path).split('/')[-1]}-merged")
+    run = rundir.open_run(pushed or run_path)
     recipe = load_recipe(str(run.recipe_file))
     method = METHODS[recipe.method]
     if not method.is_adapter:
@@ -92,7 +98,7 @@ def merged_model(run: rundir.RunDir, recipe: Recipe, labels: Labels) -> Any:
     from peft import PeftModel
 
     base, _ = load_base_model(recipe.model.model_copy(update={"load_in_8bit": False}), labels)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
+    model = PeftModel.from_pretrained(base, str(run.weights_dir(is_adapter=True))).merge_and_unload()
     model.eval()
     return model
 

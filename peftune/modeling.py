@@ -234,7 +234,20 @@ def load_target(target: str | Path) -> LoadedModel:
         raise PeftuneError(f"{path} holds neither a peftune run (recipe.yaml) nor a model (config.json)")
     if path.exists() or str(target).startswith((".", "/", "~")) or str(target).count("/") > 1:
         raise PeftuneError(f"{target} is not a run folder or a model folder; give the folder `peftune train` wrote")
-    return _load_hub_model(str(target))
+    pushed = pushed_run(str(target))
+    return load_target(pushed) if pushed else _load_hub_model(str(target))
+
+
+def pushed_run(repo_id: str) -> Path | None:
+    """A run `peftune push` put on the Hub (it has recipe.yaml), downloaded; None for any other Hub model."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        hf_hub_download(repo_id, RECIPE_FILE)
+    except (HfHubHTTPError, OSError, ValueError):  # not there, not a peftune repository, or offline
+        return None
+    return Path(snapshot_download(repo_id))
 
 
 def _load_model_folder(path: Path) -> LoadedModel:

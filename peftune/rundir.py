@@ -57,8 +57,13 @@ class RunDir:
         return self.path / CHECKPOINTS_DIR
 
     def weights_dir(self, is_adapter: bool) -> Path:
-        """Where the trained weights live for an adapter or a full run."""
-        return self.adapter_dir if is_adapter else self.model_dir
+        """Where the trained weights live for an adapter or a full run.
+
+        A run pushed to the Hub keeps them at the top of the repository, where peft and transformers look.
+        """
+        folder = self.adapter_dir if is_adapter else self.model_dir
+        marker = self.path / ("adapter_config.json" if is_adapter else "config.json")
+        return self.path if not folder.is_dir() and marker.is_file() else folder
 
     @property
     def samples_file(self) -> Path:
