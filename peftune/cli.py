@@ -100,12 +100,18 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a complete run already in the run folder.")
 def train_command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool) -> None:
     """Fine-tune with RECIPE (a shipped name or a YAML path); KEY=VALUE overrides any recipe key."""
+    import os
+
     from peftune.recipe import load_recipe
     from peftune.train import train
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, only the main process reports
     resolved = load_recipe(recipe, overrides)
-    click.echo(resolved.to_yaml())
+    if main_process:
+        click.echo(resolved.to_yaml())
     run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite)
+    if not main_process:
+        return
     record = run.read_metrics()
     primary = record["primary_metric"]
     click.echo(

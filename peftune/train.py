@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -73,15 +74,27 @@ def train(
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", recipe.method, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)  # fmt: skip
 
-    if run.path.exists() and overwrite:
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
+    # Under torchrun or accelerate launch, every process trains its share; only the main one writes.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if main_process:
+        if run.path.exists() and overwrite:
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
 
     primary = metric_names[0]
     on_gpu = torch.cuda.is_available()
     arguments = _with_best_model_metric(recipe.training_arguments(str(run.checkpoints_dir)), primary)
     arguments.setdefault("dataloader_pin_memory", on_gpu)
+    # Classification losses are means over the batch; transformers' token averaging across devices (meant for
+    # language models) would multiply a peft model's loss by the number of processes, doubling the gradients
+    # and the reported eval loss under two processes.
+    arguments.setdefault("average_tokens_across_devices", False)
+    if world_size > 1 and not on_gpu:
+        # Without CUDA, transformers 5 runs each launched process on its own unless told to use the CPU
+        # backend (gloo): then the processes share the data and average their gradients.
+        arguments.setdefault("use_cpu", True)
     args = TrainingArguments(**arguments)
     trainer = Trainer(
         model=model,
@@ -105,6 +118,9 @@ def train(
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
         eval_metrics = _eval_metrics(trainer.evaluate())
 
+    if not main_process:
+        log.info("rank %s of %d: eval %s", os.environ.get("RANK"), world_size, json.dumps(eval_metrics))
+        return run
     weights = run.weights_dir(METHODS[recipe.method].is_adapter)
     model.save_pretrained(str(weights))  # the object Trainer trained, best checkpoint loaded into it
     tokenizer.save_pretrained(weights)
@@ -130,6 +146,7 @@ def train(
         "train_samples": len(train_set),
         "eval_samples": len(eval_set),
         "global_steps": trainer.state.global_step,
+        "world_size": args.world_size,
         "train_runtime_s": round(train_seconds, 3),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_tokens_per_second": round(tokens / train_seconds, 1),
