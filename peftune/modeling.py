@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 HEAD_NAMES = ("classifier", "score")
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (`org/name`): absolute, relative with ./ or ~, or deeper than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _check_reference(name: str) -> None:
     """A missing local folder gets its own message, not the Hub client's complaint about repo ids."""
     import os
 
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_local and not os.path.exists(name):
+    if _looks_local(name) and not os.path.exists(name):
         raise PeftuneError(
             f"model folder {name} not found; check model.name_or_path (a Hub id like org/name, or a local folder)"
         )
@@ -39,10 +43,11 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     """The base model's config (a small file: no weights are read)."""
     from transformers import AutoConfig
 
-    _check_reference(local_path(spec.name_or_path, "model.name_or_path"))
+    name = local_path(spec.name_or_path, "model.name_or_path")
+    _check_reference(name)
     try:
         return AutoConfig.from_pretrained(
-            local_path(spec.name_or_path, "model.name_or_path"),
+            name,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
         )
@@ -232,7 +237,7 @@ def load_target(target: str | Path) -> LoadedModel:
             samples = run.read_samples() if run.samples_file.is_file() else []
             return LoadedModel(model, tokenizer, labels, recipe, samples)
         raise PeftuneError(f"{path} holds neither a peftune run (recipe.yaml) nor a model (config.json)")
-    if path.exists() or str(target).startswith((".", "/", "~")) or str(target).count("/") > 1:
+    if path.exists() or _looks_local(str(target)):
         raise PeftuneError(f"{target} is not a run folder or a model folder; give the folder `peftune train` wrote")
     pushed = pushed_run(str(target))
     return load_target(pushed) if pushed else _load_hub_model(str(target))
