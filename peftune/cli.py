@@ -97,8 +97,11 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.argument("recipe")
 @overrides_argument
 @click.option("--output-dir", type=click.Path(), help="Run folder (default: the recipe's output_dir or runs/NAME).")
-@click.option("--overwrite", is_flag=True, help="Replace a complete run already in the run folder.")
-def train_command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a complete or interrupted run in the run folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+def train_command(
+    recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, resume: bool
+) -> None:
     """Fine-tune with RECIPE (a shipped name or a YAML path); KEY=VALUE overrides any recipe key."""
     import os
 
@@ -109,7 +112,7 @@ def train_command(recipe: str, overrides: tuple[str, ...], output_dir: str | Non
     resolved = load_recipe(recipe, overrides)
     if main_process:
         click.echo(resolved.to_yaml())
-    run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite)
+    run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite, resume=resume)
     if not main_process:
         return
     record = run.read_metrics()

@@ -1,7 +1,8 @@
 """Sweep: train the cartesian product of override grids, one run folder each, then write the comparison.
 
 Each run trains in its own process (`python -m peftune train`), so a crash stays in its run and every run's
-peak memory is its own. A run folder that is already complete is skipped, so an interrupted sweep resumes.
+peak memory is its own. A run folder that is already complete is reused and an interrupted one continues from
+its last checkpoint (`train --resume`), so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -106,18 +107,14 @@ def sweep(
     for number, item in enumerate(todo, 1):
         run = rundir.RunDir(result.path / item.name)
         where = f"[{number}/{len(todo)}] {item.name}"
-        if run.is_complete():
-            _check_same_settings(run, load_recipe(spec, [*overrides, *_overrides(item.assignments)]))
-            echo(f"{where}: complete, reused")
-            result.reused.append(item.name)
-        else:
-            echo(f"{where}: training (log: {result.path / LOGS_DIR / (item.name + '.log')})")
-            if _train(spec, [*overrides, *_overrides(item.assignments)], run.path, result.path / LOGS_DIR):
-                result.trained.append(item.name)
-            else:
-                echo(f"{where}: FAILED, see its log")
-                result.failed.append(item.name)
-                continue
+        status = train_run(
+            spec, [*overrides, *_overrides(item.assignments)], run, result.path / LOGS_DIR,
+            echo=lambda text, where=where: echo(f"{where}: {text}"),
+        )  # fmt: skip
+        if status == "failed":
+            result.failed.append(item.name)
+            continue
+        (result.reused if status == "reused" else result.trained).append(item.name)
         result.runs.append(run.path)
     result.skipped = [{"run": p.name, "reason": p.skipped} for p in plans if p.skipped]
     for skipped in result.skipped:
@@ -229,12 +226,27 @@ def _overrides(assignments: dict[str, str]) -> list[str]:
     return [f"{key}={value}" for key, value in assignments.items()]
 
 
-def _train(spec: str, overrides: list[str], output: Path, logs: Path) -> bool:
-    """Train one run in a child process, its output in a log file; True when it completed."""
+def train_run(spec: str, overrides: Sequence[str], run: rundir.RunDir, logs: Path, echo: Any = print) -> str:
+    """Make sure `run` holds a complete run of the recipe: "reused", "trained" (or resumed) or "failed".
+
+    A complete run is reused only when it was trained with the same resolved recipe; an interrupted one
+    continues from its last checkpoint. Training happens in a child process whose output goes to a log file.
+    """
+    if run.is_complete():
+        _check_same_settings(run, load_recipe(spec, overrides))
+        echo("complete, reused")
+        return "reused"
+    resume = run.recipe_file.is_file()  # started before: continue from its last checkpoint
+    log_file = logs / f"{run.path.name}.log"
+    echo(f"{'resuming' if resume else 'training'} (log: {log_file})")
     logs.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "peftune", "train", spec, *overrides, "--output-dir", str(output)]
-    with (logs / f"{output.name}.log").open("w", encoding="utf-8") as log_file:
-        log_file.write("$ " + " ".join(command) + "\n")
-        log_file.flush()
-        finished = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
-    return finished.returncode == 0 and rundir.RunDir(output).is_complete()
+    command = [sys.executable, "-m", "peftune", "train", spec, *overrides, "--output-dir", str(run.path)]
+    command += ["--resume"] if resume else []
+    with log_file.open("a" if resume else "w", encoding="utf-8") as stream:
+        stream.write("$ " + " ".join(command) + "\n")
+        stream.flush()
+        finished = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if finished.returncode == 0 and run.is_complete():
+        return "trained"
+    echo("FAILED, see its log")
+    return "failed"

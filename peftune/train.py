@@ -38,19 +38,18 @@ def train(
     overrides: Sequence[str] = (),
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
+    resume: bool = False,
 ) -> rundir.RunDir:
     """Fine-tune the recipe's model on its data and write a complete run folder; return it.
 
-    `callbacks` are `transformers.TrainerCallback`s handed to the Trainer.
+    `resume` continues an interrupted run in the same folder from its last complete checkpoint (the recipe
+    must be the one it started with). `callbacks` are `transformers.TrainerCallback`s handed to the Trainer.
     """
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     run = rundir.RunDir(Path(output_dir) if output_dir else default_run_dir(recipe))
-    if run.is_complete() and not overwrite:
-        raise PeftuneError(
-            f"{run.path} already holds a complete run; pass --overwrite to replace it or --output-dir elsewhere"
-        )
+    checkpoint = _resume_point(run, recipe, resume, overwrite)
     check_passthrough(recipe)
     modeling.check_model(recipe, modeling.load_config(recipe.model))
     set_seed(recipe.seed)
@@ -80,6 +79,8 @@ def train(
     if main_process:
         if run.path.exists() and overwrite:
             shutil.rmtree(run.path)
+        if checkpoint is None:  # leftovers of a start that saved no checkpoint
+            shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
 
@@ -104,13 +105,16 @@ def train(
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
         processing_class=tokenizer,
         compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, _elapsed_time(_seconds_before(checkpoint))],
     )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    if checkpoint is not None:
+        log.info("resuming %s from %s", run.path, checkpoint.name)
     started = time.perf_counter()
-    result = trainer.train()
-    train_seconds = time.perf_counter() - started
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = _seconds_before(checkpoint) + time.perf_counter() - started
+    samples_seen = len(train_set) * (trainer.state.epoch or 0)
     history = _eval_history(trainer.state.log_history)
     tokens = sum(len(ids) for ids in train_set["input_ids"]) * (trainer.state.epoch or 0)
     if history and history[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
@@ -147,8 +151,9 @@ def train(
         "eval_samples": len(eval_set),
         "global_steps": trainer.state.global_step,
         "world_size": args.world_size,
+        "resumed_from_step": _step_of(checkpoint) if checkpoint else None,
         "train_runtime_s": round(train_seconds, 3),
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_samples_per_second": round(samples_seen / train_seconds, 3),
         "train_tokens_per_second": round(tokens / train_seconds, 1),
         "train_loss": result.metrics.get("train_loss"),
         "peak_memory_mb": _peak_memory_mb(on_gpu),
@@ -166,6 +171,79 @@ def train(
     }
     run.write_json(rundir.METRICS_FILE, record)  # last: its presence marks the run complete
     return run
+
+
+def _resume_point(run: rundir.RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to continue from, or None to start afresh; refuses what would lose or mix work."""
+    if resume and overwrite:
+        raise PeftuneError("--resume continues a run and --overwrite starts it again; pass one of them")
+    if run.is_complete() and not overwrite:
+        hint = "it has nothing left to resume" if resume else "pass --overwrite to replace it"
+        raise PeftuneError(f"{run.path} already holds a complete run; {hint}, or give another --output-dir")
+    checkpoint = last_checkpoint(run)
+    if not resume:
+        if checkpoint is not None and not overwrite:
+            raise PeftuneError(
+                f"{run.path} holds an interrupted run (last checkpoint at step {_step_of(checkpoint)}); "
+                "pass --resume to continue it, or --overwrite to start again"
+            )
+        return None
+    if not run.recipe_file.is_file():
+        raise PeftuneError(f"nothing to resume in {run.path} (no run was started there); drop --resume")
+    if run.recipe_file.read_text(encoding="utf-8") != recipe.to_yaml():
+        raise PeftuneError(
+            f"{run.path} was started with other settings than these (its {rundir.RECIPE_FILE} differs); resume "
+            "with the same recipe and overrides, or pass --overwrite to start again"
+        )
+    if checkpoint is None:
+        log.warning("%s has no complete checkpoint yet: training from the start", run.path)
+    return checkpoint
+
+
+def last_checkpoint(run: rundir.RunDir) -> Path | None:
+    """The newest checkpoint that Trainer finished writing (its trainer_state.json is written last)."""
+    if not run.checkpoints_dir.is_dir():
+        return None
+    complete = [
+        folder
+        for folder in run.checkpoints_dir.glob("checkpoint-*")
+        if folder.name.removeprefix("checkpoint-").isdigit() and (folder / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=_step_of, default=None)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+ELAPSED_FILE = "peftune_elapsed.json"  # in each checkpoint: training seconds up to it, for resumed runs
+
+
+def _seconds_before(checkpoint: Path | None) -> float:
+    """Training seconds spent up to `checkpoint`: 0 from the start, or when the checkpoint does not say."""
+    try:
+        return float(json.loads((checkpoint / ELAPSED_FILE).read_text())["train_seconds"]) if checkpoint else 0.0
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def _elapsed_time(before: float) -> Any:
+    """A callback that writes the training time so far into every checkpoint it saves."""
+    from transformers import TrainerCallback
+
+    class ElapsedTime(TrainerCallback):
+        started = time.perf_counter()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                seconds = before + time.perf_counter() - self.started
+                (folder / ELAPSED_FILE).write_text(json.dumps({"train_seconds": round(seconds, 3)}) + "\n")
+
+    return ElapsedTime()
 
 
 def library_versions() -> dict[str, str]:

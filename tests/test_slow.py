@@ -10,6 +10,7 @@ from peftune.recipe import load_recipe
 from peftune.train import train
 
 pytestmark = pytest.mark.slow
+SHORT = ["data.max_train_samples=8000"]  # sst2-minilm trains on all 67,349 sentences; these runs on 8,000
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_quickstart_is_clearly_above_chance(tmp_path):
 
 
 def test_sst2_lora_defaults_reach_83_percent_in_one_epoch(tmp_path, data_dir):
-    recipe = load_recipe("sst2-minilm")
+    recipe = load_recipe("sst2-minilm", SHORT)
     assert recipe.method == "lora" and "learning_rate" not in recipe.train
     metrics = train(recipe, output_dir=tmp_path / "lora").read_metrics()
     assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
@@ -33,14 +34,14 @@ def test_sst2_lora_defaults_reach_83_percent_in_one_epoch(tmp_path, data_dir):
 
 
 def test_sst2_full_runs_with_its_own_learning_rate(tmp_path, data_dir):
-    metrics = train(load_recipe("sst2-minilm", ["method=full"]), output_dir=tmp_path / "full").read_metrics()
+    metrics = train(load_recipe("sst2-minilm", [*SHORT, "method=full"]), output_dir=tmp_path / "full").read_metrics()
     assert metrics["learning_rate"] == pytest.approx(5e-5)
     assert metrics["eval"]["accuracy"] >= 0.8
 
 
 @pytest.mark.parametrize("overrides", [["method=prefix"], ["model.load_in_8bit=true"]], ids=["prefix", "lora-8bit"])
 def test_sst2_prefix_and_8bit_lora_complete(tmp_path, data_dir, overrides):
-    metrics = train(load_recipe("sst2-minilm", overrides), output_dir=tmp_path / "run").read_metrics()
+    metrics = train(load_recipe("sst2-minilm", [*SHORT, *overrides]), output_dir=tmp_path / "run").read_metrics()
     assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
     assert metrics["load_in_8bit"] == ("model.load_in_8bit=true" in overrides)
     assert metrics["eval"]["accuracy"] >= 0.75, "clearly learned (chance is 0.51)"
@@ -52,7 +53,7 @@ def test_sst2_merged_lora_in_a_plain_pipeline_agrees_with_predict(tmp_path, data
     from peftune.merge import merge_adapter
     from peftune.predict import predict_file
 
-    run = train(load_recipe("sst2-minilm"), output_dir=tmp_path / "lora")
+    run = train(load_recipe("sst2-minilm", SHORT), output_dir=tmp_path / "lora")
     merged = merge_adapter(run.path)
     dev = data_dir / "sst2" / "dev.tsv"
     predict_file(run.path, dev, tmp_path / "predictions.jsonl")

@@ -1,0 +1,111 @@
+"""Nothing lost: a training process killed mid-run resumes from its last checkpoint to the same result."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import tiny
+from safetensors.torch import load_file
+
+from peftune.recipe import load_recipe
+from peftune.train import train
+
+# 64 reviews, batch 8, two epochs: 16 steps. Each case: the settings, the step at which the process dies, and the
+# checkpoint it resumes from (the steps after it are lost and done again).
+CASES = {
+    "epoch-checkpoints": (["train.num_train_epochs=2"], 10, 8),
+    "step-checkpoints": (["train.num_train_epochs=2", "train.save_strategy=steps", "train.save_steps=5"], 13, 10),
+}
+# The resumed process restores the optimizer, scheduler, RNG states and data order, so on CPU it repeats the
+# uninterrupted run's arithmetic; the tolerance only allows for float summation order.
+TOLERANCE = 1e-5
+
+KILLED_CHILD = """
+import os, signal, sys
+from transformers import TrainerCallback
+from peftune.recipe import load_recipe
+from peftune.train import train
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler: as the OOM killer does
+
+train(load_recipe(sys.argv[1], sys.argv[3:]), output_dir=sys.argv[2], callbacks=[Crash()])
+"""
+
+
+def peftune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftune", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def recipe(tiny_bert, reviews, tmp_path):
+    return str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case):
+    settings, kill_at, resume_at = CASES[case]
+    whole = train(load_recipe(recipe, settings), output_dir=tmp_path / "whole").read_metrics()
+
+    crashed = tmp_path / "crashed"
+    child = [sys.executable, "-c", KILLED_CHILD.format(kill_at=kill_at), recipe, str(crashed), *settings]
+    died = subprocess.run(child, capture_output=True, text=True, check=False)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert not (crashed / "metrics.json").exists()
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == [f"checkpoint-{resume_at}"]
+    # A checkpoint whose writing was cut short (no trainer_state.json yet) is never resumed from.
+    (crashed / "checkpoints" / f"checkpoint-{kill_at - 1}").mkdir()
+    (crashed / "checkpoints" / f"checkpoint-{kill_at - 1}" / "adapter_model.safetensors").write_bytes(b"cut short")
+
+    used = peftune("eval", str(crashed))
+    assert used.returncode == 2 and "incomplete run" in used.stderr and "Traceback" not in used.stderr
+
+    again = peftune("train", recipe, *settings, "--output-dir", str(crashed))
+    assert again.returncode == 2, again.stderr[-2000:]
+    last_line = again.stderr.strip().splitlines()[-1]
+    assert f"interrupted run (last checkpoint at step {resume_at}); pass --resume" in last_line
+
+    other = peftune("train", recipe, *settings, "seed=7", "--output-dir", str(crashed), "--resume")
+    assert other.returncode == 2 and "started with other settings" in other.stderr
+
+    resumed = peftune("train", recipe, *settings, "--output-dir", str(crashed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((crashed / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == resume_at and whole["resumed_from_step"] is None
+    assert metrics["global_steps"] == whole["global_steps"] == 16
+    print("eval, uninterrupted:", whole["eval"], "resumed:", metrics["eval"])
+    assert metrics["eval"]["loss"] == pytest.approx(whole["eval"]["loss"], abs=TOLERANCE)
+    assert metrics["eval"]["accuracy"] == whole["eval"]["accuracy"]
+    ours = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < TOLERANCE
+    # The resumed process trained only the steps after the checkpoint: Trainer's train_loss is the mean over
+    # the steps of this process (a restart from scratch would give the same final weights, but not this).
+    state = json.loads((tmp_path / "whole" / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 16
+    assert metrics["train_loss"] == pytest.approx(sum(losses[resume_at:]) / (16 - resume_at), abs=1e-4)
+    assert whole["train_loss"] == pytest.approx(sum(losses) / 16, abs=1e-4)
+    # The time of the whole run: the part before the checkpoint plus the resumed part.
+    assert (
+        metrics["train_runtime_s"]
+        > json.loads((tmp_path / "whole" / "metrics.json").read_text())["train_runtime_s"] * 0.3
+    )
+
+
+def test_resume_refuses_what_it_cannot_continue(recipe, tmp_path):
+    fresh = peftune("train", recipe, "--output-dir", str(tmp_path / "nothing"), "--resume")
+    assert fresh.returncode == 2 and "nothing to resume" in fresh.stderr
+
+    train(load_recipe(recipe), output_dir=tmp_path / "done")
+    done = peftune("train", recipe, "--output-dir", str(tmp_path / "done"), "--resume")
+    assert done.returncode == 2 and "already holds a complete run; it has nothing left to resume" in done.stderr
+    both = peftune("train", recipe, "--output-dir", str(tmp_path / "done"), "--resume", "--overwrite")
+    assert both.returncode == 2 and "pass one of them" in both.stderr
