@@ -17,7 +17,7 @@ from peftune.errors import PeftuneError
 
 
 class _Group(click.Group):
-    """Catches the one user-error type once: one line on stderr, exit code 2, no traceback."""
+    """Catches the one user-error type (and click's usage errors) once: one line on stderr, exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -26,6 +26,12 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except click.UsageError as err:  # a missing argument, an unknown option or command: one line too
+            if ctx.params.get("debug"):
+                raise
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            click.echo(f"error: {err.format_message().rstrip('.')}; see {where} --help", err=True)
             ctx.exit(2)
 
 

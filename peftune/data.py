@@ -82,9 +82,14 @@ class Labels:
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
-def load_splits(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
-    """Load the train and eval splits, carving a seeded eval split out of train when there is none."""
+def load_splits(spec: DataSpec, seed: int, carve: bool = True) -> tuple[Dataset, Dataset]:
+    """Load the train and eval splits, carving a seeded eval split out of train when there is none.
+
+    `carve=False` (a split the user named) makes a missing eval split an error instead.
+    """
     splits = _load(spec)
+    if not carve and spec.eval_split not in splits:
+        raise PeftuneError(f"data has no split {spec.eval_split!r} (it has: {', '.join(splits)}); choose one of those")
     if spec.train_split not in splits:
         raise PeftuneError(
             f"data has no split {spec.train_split!r} (it has: {', '.join(splits)}); set data.train_split"
@@ -190,7 +195,20 @@ def read_table(path: str | Path) -> Dataset:
     try:
         return datasets.load_dataset(loader, data_files={"input": [file]}, split="input", **defaults)
     except Exception as err:  # datasets raises many types for unreadable files
+        undecodable = _cause(err, UnicodeDecodeError)
+        if undecodable is not None:
+            raise PeftuneError(f"{file} is not UTF-8 text ({undecodable}); re-save it as UTF-8") from None
         raise PeftuneError(f"cannot read {file}: {first_line(err)}; check the file") from None
+
+
+def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in the chain that led to `err` (datasets wraps the reader's errors)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _load(spec: DataSpec) -> Any:
@@ -220,6 +238,12 @@ def _load(spec: DataSpec) -> Any:
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(err))
         if empty:
             raise PeftuneError(f"split {empty.group(1)!r} is empty; check its data files") from None
+        undecodable = _cause(err, UnicodeDecodeError)
+        if undecodable is not None:
+            raise PeftuneError(
+                f"a data file is not UTF-8 text ({undecodable}); re-save it as UTF-8, or name its encoding "
+                "with data.options.encoding (for example latin-1)"
+            ) from None
         where = f"{path!r}" + (f" (config {spec.config!r})" if spec.config else "")
         message = first_line(err)
         hint = "set data.files to local files" if spec.files is None else "check data.files and data.options"

@@ -4,8 +4,12 @@
 class PeftuneError(Exception):
     """A user error: the message is one line that names the problem and the fix.
 
-    The CLI prints it without a traceback and exits with code 2.
+    The CLI prints it without a traceback and exits with code 2. Line breaks that user input brings into the
+    message (a key or a value with a newline in it) are shown escaped, so the message stays one line.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def first_line(err: BaseException) -> str:

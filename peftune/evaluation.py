@@ -39,7 +39,7 @@ def evaluate(
     if split:
         raw["data"]["eval_split"] = split
     recipe = parse_recipe(raw)
-    _, rows = load_splits(recipe.data, recipe.seed)
+    _, rows = load_splits(recipe.data, recipe.seed, carve=split is None)
     labels = loaded.labels
     try:
         targets = np.array([labels.encode(value) for value in rows[recipe.data.label_column]])

@@ -52,6 +52,11 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
             trust_remote_code=spec.trust_remote_code,
         )
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err) and not spec.trust_remote_code:
+            raise PeftuneError(
+                f"cannot load the config of {spec.name_or_path!r}: it needs the repository's own Python code, which "
+                "peftune does not run unless told; set model.trust_remote_code: true only if you trust that code"
+            ) from None
         raise PeftuneError(
             f"cannot load the config of {spec.name_or_path!r}: {first_line(err)}; "
             "check model.name_or_path (a Hub id or a local folder with config.json)"
@@ -68,6 +73,12 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
             "choose an encoder such as BERT, RoBERTa, DeBERTa or DistilBERT"
         )
     METHODS[recipe.method].check_architecture(config)
+    limit = max_positions(config)
+    if limit is not None and recipe.data.max_length > limit:
+        raise PeftuneError(
+            f"data.max_length {recipe.data.max_length} is more than {config.model_type} models take ({limit} tokens); "
+            f"set data.max_length to {limit} or less"
+        )
     if recipe.model.load_in_8bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -76,6 +87,23 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
                 f"model.load_in_8bit needs a working bitsandbytes ({first_line(err)}); "
                 "pip install bitsandbytes, or set model.load_in_8bit=false"
             ) from None
+
+
+# Architectures that number positions from padding_idx + 1, so two of max_position_embeddings are not usable.
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "mpnet",
+                            "roberta-prelayernorm", "longformer"}  # fmt: skip
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest input the model's absolute position embeddings allow; None when positions are relative."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or getattr(config, "position_biased_input", True) is False:
+        return None  # DeBERTa-v2/v3: relative positions only
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if config.model_type in PADDING_OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
 
 
 def check_model_if_reachable(recipe: Recipe) -> bool:
@@ -138,8 +166,14 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
             ignore_mismatched_sizes=True,
             quantization_config=quantization,
             output_loading_info=True,
+            use_safetensors=None if spec.allow_pickle else True,
         )
     except (OSError, ValueError) as err:
+        if not spec.allow_pickle and "safetensors" in str(err):
+            raise PeftuneError(
+                f"model {spec.name_or_path!r} has no safetensors weights; pickle weight files (.bin) can run code "
+                "when loaded: convert the checkpoint to safetensors, or set model.allow_pickle: true if you trust it"
+            ) from None
         raise PeftuneError(
             f"cannot load model {spec.name_or_path!r}: {first_line(err)}; "
             "check model.name_or_path (a Hub id or a local folder with config.json and weights)"
@@ -203,7 +237,7 @@ def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
     weights = run.weights_dir(method.is_adapter)
     tokenizer = load_tokenizer(str(weights))
     if not method.is_adapter:
-        model = AutoModelForSequenceClassification.from_pretrained(weights)
+        model = AutoModelForSequenceClassification.from_pretrained(weights, use_safetensors=True)
     else:
         from peft import PeftModel
 
@@ -255,13 +289,16 @@ def pushed_run(repo_id: str) -> Path | None:
     return Path(snapshot_download(repo_id))
 
 
+_SAFETENSORS_ONLY = " (peftune loads safetensors weights only: pickle files can run code when loaded)"
+
+
 def _load_model_folder(path: Path) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise PeftuneError(f"cannot load the model in {path}: {first_line(err)}") from None
+        raise PeftuneError(f"cannot load the model in {path}: {first_line(err)}{_SAFETENSORS_ONLY}") from None
     model.eval()
     labels = Labels.read(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else _labels_of(model.config)
     recipe = load_recipe(str(path / RECIPE_FILE)) if (path / RECIPE_FILE).is_file() else None
@@ -274,10 +311,11 @@ def _load_hub_model(model_id: str) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_id)
+        model = AutoModelForSequenceClassification.from_pretrained(model_id, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise PeftuneError(
             f"{model_id!r} is not a local folder and could not be loaded from the Hub: {first_line(err)}"
+            f"{_SAFETENSORS_ONLY}"
         ) from None
     model.eval()
     return LoadedModel(model, load_tokenizer(model_id), _labels_of(model.config), None, [])

@@ -67,6 +67,8 @@ class ModelSpec(_Strict):
     revision: str | None = None
     load_in_8bit: bool = False
     trust_remote_code: bool = False
+    # Pickle weight files (pytorch_model.bin) can run code when loaded: only safetensors unless this is set.
+    allow_pickle: bool = False
 
 
 class DataSpec(_Strict):
@@ -104,7 +106,7 @@ class DataSpec(_Strict):
 class Recipe(_Strict):
     """A whole run: base model, data, method, training arguments."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str
     description: str = ""
     seed: int = 42
     model: ModelSpec
@@ -118,6 +120,15 @@ class Recipe(_Strict):
     train: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     metrics: list[str] | None = Field(None, min_length=1)
     output_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(
+                f"{name!r} cannot name a run folder; use letters, digits, '.', '_' and '-' (no slashes or spaces)"
+            )
+        return name
 
     @field_validator("metrics")
     @classmethod
@@ -174,6 +185,17 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         """A fingerprint of the resolved recipe: two runs with the same one trained the same way."""
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def same_as_saved(self, path: Path) -> bool:
+        """Whether a run's saved recipe.yaml describes this recipe.
+
+        The saved file is read back through the schema, so a key added to peftune since (with its default)
+        does not make an old run look different.
+        """
+        try:
+            return load_recipe(str(path)).to_yaml() == self.to_yaml()
+        except PeftuneError:
+            return False
 
 
 # --- YAML ---------------------------------------------------------------------------------------------
@@ -414,7 +436,8 @@ def _check_keys(block: str, values: dict[str, Any], known: set[str], refused: di
         if key in refused:
             raise PeftuneError(f"{block}.{key} is not accepted here; use {refused[key]}")
         if key not in known:
-            raise PeftuneError(f"unknown key {block}.{key}{_did_you_mean(key, known)}; fix the {block} block")
+            hint = _did_you_mean(key, known)
+            raise PeftuneError(f"unknown key {_shown(f'{block}.{key}')}{hint}; fix the {block} block")
 
 
 def _check_types(block: str, values: dict[str, Any], config_class: type) -> None:
@@ -432,6 +455,11 @@ def _check_types(block: str, values: dict[str, Any], config_class: type) -> None
             ) from None
 
 
+def _shown(key: str) -> str:
+    """A key as typed, quoted when it has spaces or invisible characters (or is empty)."""
+    return key if key.isprintable() and key and " " not in key else repr(key)
+
+
 def _did_you_mean(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -443,7 +471,7 @@ def _schema_message(err: ValidationError, raw: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in loc) or "recipe"
     if first["type"] == "extra_forbidden":
         known = _schema_keys(loc[:-1])
-        return f"unknown recipe key {key}{_did_you_mean(str(loc[-1]), known)}; fix or remove it"
+        return f"unknown recipe key {_shown(key)}{_did_you_mean(str(loc[-1]), known)}; fix or remove it"
     if first["type"] == "missing":
         return f"recipe key {key} is required; add it to the recipe or pass {key}=..."
     message = first["msg"].removeprefix("Value error, ")

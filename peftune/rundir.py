@@ -106,7 +106,7 @@ def open_run(path: str | Path) -> RunDir:
         raise PeftuneError(f"{run.path} is not a peftune run folder (no {RECIPE_FILE}); check the path")
     if not run.is_complete():
         raise PeftuneError(
-            f"{run.path} holds an incomplete run (no {METRICS_FILE}): training did not finish; "
-            "run `peftune train` again"
+            f"{run.path} holds an incomplete run (no {METRICS_FILE}): training did not finish; continue it with "
+            f"`peftune train RECIPE --resume --output-dir {run.path}`"
         )
     return run

@@ -197,7 +197,7 @@ def _not_applicable(
 
 def _check_same_settings(run: rundir.RunDir, recipe: Recipe) -> None:
     """A complete run is reused only when it was trained with the recipe this sweep would train it with."""
-    if run.read_metrics().get("recipe_sha256") != recipe.sha256():
+    if not recipe.same_as_saved(run.recipe_file):
         raise PeftuneError(
             f"{run.path} was trained with other settings than this sweep's; give the sweep another "
             "--output-dir, or remove that run folder to train it again"

@@ -122,12 +122,13 @@ def train(
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
         eval_metrics = _eval_metrics(trainer.evaluate())
 
+    # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
+    weights = run.weights_dir(METHODS[recipe.method].is_adapter)
+    trainer.save_model(str(weights))  # the model and tokenizer Trainer trained, best checkpoint loaded into it
     if not main_process:
         log.info("rank %s of %d: eval %s", os.environ.get("RANK"), world_size, json.dumps(eval_metrics))
         return run
-    weights = run.weights_dir(METHODS[recipe.method].is_adapter)
-    model.save_pretrained(str(weights))  # the object Trainer trained, best checkpoint loaded into it
-    tokenizer.save_pretrained(weights)
+    (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
     run.write_json(rundir.LABELS_FILE, labels.to_json())
     columns = [*recipe.data.text_columns, recipe.data.label_column]
     samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
@@ -190,7 +191,7 @@ def _resume_point(run: rundir.RunDir, recipe: Recipe, resume: bool, overwrite: b
         return None
     if not run.recipe_file.is_file():
         raise PeftuneError(f"nothing to resume in {run.path} (no run was started there); drop --resume")
-    if run.recipe_file.read_text(encoding="utf-8") != recipe.to_yaml():
+    if not recipe.same_as_saved(run.recipe_file):
         raise PeftuneError(
             f"{run.path} was started with other settings than these (its {rundir.RECIPE_FILE} differs); resume "
             "with the same recipe and overrides, or pass --overwrite to start again"

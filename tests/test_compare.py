@@ -109,7 +109,8 @@ def test_compare_refuses_an_incomplete_run(runs, tmp_path):
     result = CliRunner().invoke(main, ["compare", str(runs["full"]), str(broken)])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {broken} holds an incomplete run (no metrics.json): training did not finish; run `peftune train` again"
+        f"error: {broken} holds an incomplete run (no metrics.json): training did not finish; continue it with "
+        f"`peftune train RECIPE --resume --output-dir {broken}`"
     ]
 
 

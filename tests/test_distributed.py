@@ -54,3 +54,16 @@ def test_two_processes_share_the_work_and_write_one_run(tiny_bert, reviews, tmp_
     # One run folder, written once: the summary printed by the main process only.
     assert done.stdout.count("run folder:") == 1
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed-zero2"])
+def test_example_accelerate_configs_load(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED"}[name]
+    assert config.num_processes == 2 and config.use_cpu is False
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT", "the run folder needs whole weights"

@@ -1,0 +1,175 @@
+"""Bad input, through the command line: one line that names the problem and the fix, exit code 2, no traceback
+(`--debug` shows it), and never a run folder that looks complete."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tiny
+from click.testing import CliRunner
+
+from peftune.cli import main
+from peftune.errors import PeftuneError
+
+
+@dataclass
+class World:
+    """Files the cases point at, made once."""
+
+    root: Path
+    recipe: str  # a tiny LoRA recipe over local review files
+    distilbert_recipe: str
+    runs: dict[str, Path]
+
+    def file(self, name: str) -> str:
+        return str(self.root / name)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_models, reviews, runs) -> World:
+    root = tmp_path_factory.mktemp("bad-input")
+    recipe = tiny.write_recipe(root / "tiny.yaml", tiny_models("bert"), *reviews)
+    distilbert = tiny.write_recipe(root / "tiny-distilbert.yaml", tiny_models("distilbert"), *reviews)
+    (root / "vit").mkdir()
+    (root / "vit" / "config.json").write_text('{"model_type": "vit", "image_size": 32}')
+    (root / "incomplete").mkdir()
+    shutil.copy(runs["lora"] / "recipe.yaml", root / "incomplete" / "recipe.yaml")
+    (root / "empty-folder").mkdir()
+    (root / "existing-export").mkdir()
+    (root / "mine.yaml").write_text("name: mine\n")
+    (root / "empty.csv").write_text("text,label\n")
+    (root / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,positive\n".encode("latin-1"))
+    (root / "notes.txt").write_text("x")
+    (root / "broken.yaml").write_text("model: [a, b\n")
+    (root / "dup.yaml").write_text("seed: 1\nseed: 2\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    return World(root, str(recipe), str(distilbert), runs)
+
+
+def train(world: World, *args: str) -> list[str]:
+    return ["train", world.recipe, *args, "--output-dir", str(world.root / "out")]
+
+
+# name -> (arguments, what the one line must say[, setup before the call]).
+Case = tuple[Callable[[World], list[str]], str] | tuple[Callable[[World], list[str]], str, Callable]
+CASES: dict[str, Case] = {
+    # --- recipes and overrides
+    "unknown recipe name": (lambda w: ["train", "quikstart"], "'quikstart' (did you mean 'quickstart'?)"),
+    "missing recipe file": (lambda w: ["validate", str(w.root / "nope.yaml")], "nope.yaml not found"),
+    "unknown top-level key": (lambda w: ["validate", w.recipe, "modle.revision=x"], "did you mean 'model'?"),
+    "misspelt nested key": (lambda w: ["validate", w.recipe, "data.max_lenght=3"], "did you mean 'max_length'?"),
+    "wrong value type": (lambda w: ["validate", w.recipe, "seed=abc"], "seed: input should be a valid integer"),
+    "value out of range": (lambda w: ["validate", w.recipe, "data.validation_size=1.5"], "validation_size"),
+    "override without =": (lambda w: ["validate", w.recipe, "lora.r"], "is not key=value"),
+    "YAML syntax error": (lambda w: ["validate", w.file("broken.yaml")], "broken.yaml"),
+    "duplicate YAML key": (lambda w: ["validate", w.file("dup.yaml")], "duplicate key 'seed'"),
+    "recipe is not a mapping": (lambda w: ["validate", w.file("list.yaml")], "mapping"),
+    "unknown method": (lambda w: ["validate", w.recipe, "method=lorra"], "unknown method 'lorra' (did you mean"),
+    "misspelt metric": (lambda w: ["validate", w.recipe, "metrics=[acuracy]"], "did you mean 'accuracy'?"),
+    "renamed Trainer key": (lambda w: ["validate", w.recipe, "train.evaluation_strategy=epoch"], "eval_strategy"),
+    "key peftune sets": (lambda w: ["validate", w.recipe, "train.output_dir=x"], "top-level output_dir"),
+    "bad Trainer value": (lambda w: ["validate", w.recipe, "train.lr_scheduler_type=wavy"], "SchedulerType"),
+    "unknown LoRA argument": (lambda w: ["validate", w.recipe, "lora.rank=4"], "rank"),
+    "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.load_in_8bit=true"), "8-bit"),
+    "unset environment variable": (lambda w: train(w, "data.files.train=${NO_SUCH_DIR}/t.csv"), "NO_SUCH_DIR"),
+    "run name with a path": (lambda w: ["validate", w.recipe, "name=../evil"], "'../evil' cannot name a run folder"),
+    # --- data
+    "missing data file": (lambda w: train(w, f"data.files.train={w.root}/no-such.csv"), "no-such.csv"),
+    "unknown file format": (lambda w: train(w, f"data.files.train={w.file('notes.txt')}"), "cannot tell the format"),
+    "missing text column": (lambda w: train(w, "data.text_columns=[review]"), "'review'"),
+    "missing label column": (lambda w: train(w, "data.label_column=sentiment"), "'sentiment'"),
+    "label not in labels": (lambda w: train(w, "data.labels=[good,bad]"), "is not in data.labels"),
+    "empty split": (lambda w: train(w, f"data.files.validation={w.file('empty.csv')}"), "is empty"),
+    "undecodable text": (lambda w: train(w, f"data.files.train={w.file('latin1.csv')}"), "not UTF-8 text"),
+    "metric for the wrong problem": (lambda w: train(w, "metrics=[pearson]"), "does not apply to classification"),
+    # --- models and methods
+    "missing model folder": (lambda w: train(w, f"model.name_or_path={w.root}/no-such-model"), "no-such-model"),
+    "not a classification architecture": (
+        lambda w: train(w, f"model.name_or_path={w.root}/vit"),
+        "no sequence classification head",
+    ),
+    "prefix without past_key_values": (
+        lambda w: ["train", w.distilbert_recipe, "method=prefix", "--output-dir", str(w.root / "out")],
+        "past_key_values",
+    ),
+    "8-bit without bitsandbytes": (
+        lambda w: train(w, "model.load_in_8bit=true"),
+        "needs a working bitsandbytes",
+        lambda monkeypatch: monkeypatch.setitem(sys.modules, "bitsandbytes", None),
+    ),
+    "max_length above the model's limit": (lambda w: train(w, "data.max_length=4096"), "data.max_length"),
+    # --- runs and what uses them
+    "resume with nothing to resume": (lambda w: train(w, "--resume"), "nothing to resume"),
+    "incomplete run": (lambda w: ["eval", str(w.root / "incomplete")], "--resume"),
+    "not a run folder": (lambda w: ["predict", str(w.root / "empty-folder"), "--text", "hi"], "neither a peftune run"),
+    "missing input file": (
+        lambda w: ["predict", str(w.runs["lora"]), "--input", w.file("nope.csv"), "--output", w.file("p.csv")],
+        "input file not found",
+    ),
+    "unknown eval split": (lambda w: ["eval", str(w.runs["lora"]), "--split", "nope"], "no split 'nope'"),
+    "merge of a prefix run": (lambda w: ["merge", str(w.runs["prefix"])], "cannot be folded into the weights"),
+    "merge of a full run": (lambda w: ["merge", str(w.runs["full"])], "nothing to merge"),
+    "export to an existing folder": (
+        lambda w: ["export", str(w.runs["full"]), "--format", "safetensors", "--output", w.file("existing-export")],
+        "already exists",
+    ),
+    "compare with an incomplete run": (
+        lambda w: ["compare", str(w.runs["lora"]), str(w.root / "incomplete")],
+        "incomplete run (no metrics.json)",
+    ),
+    "sweep grid without values": (lambda w: ["sweep", w.recipe, "--grid", "method"], "KEY=V1,V2"),
+    "missing command argument": (lambda w: ["predict"], "Missing argument 'TARGET'"),
+    "unknown option": (lambda w: ["train", w.recipe, "--epochs", "3"], "No such option '--epochs'"),
+    "copy over an existing file": (lambda w: ["copy", "quickstart", str(w.root / "mine.yaml")], "--force"),
+    "push without a token": (
+        lambda w: ["push", str(w.runs["lora"]), "--repo-id", "me/tiny"],
+        "token",
+        lambda monkeypatch: _no_token(monkeypatch),
+    ),
+}
+
+
+USAGE = {"missing command argument", "unknown option"}
+
+
+def _no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", "/nonexistent/stored_tokens")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line_and_exit_2(world, case, monkeypatch):
+    args, expected, *setup = CASES[case]
+    for prepare in setup:
+        prepare(monkeypatch)
+    arguments = args(world)
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2, result.output
+    # Progress bars of the work done before the problem showed may come first; the error is one line, the last.
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and result.stderr.rstrip("\n").endswith(errors[0]), result.stderr
+    assert errors[0].startswith("error: ") and expected in errors[0]
+    assert "Traceback" not in result.output
+    assert not (world.root / "out" / "metrics.json").exists(), "no run folder that looks complete"
+
+    debug = CliRunner().invoke(main, ["--debug", *arguments])
+    if case in USAGE:  # click's own usage errors have no traceback to show: click prints its usage text
+        assert debug.exit_code == 2 and "Usage:" in debug.output
+    else:
+        assert isinstance(debug.exception, PeftuneError), "--debug lets the error and its traceback through"
+        assert debug.exc_info is not None and debug.exc_info[2] is not None
+
+
+def test_there_are_at_least_thirty_distinct_cases():
+    assert len(CASES) >= 30
+    assert len({expected for _, expected, *_ in CASES.values()}) == len(CASES)
