@@ -86,6 +86,8 @@ class DataSpec(_Strict):
     labels: list[str] | None = None
     problem_type: Literal["classification", "regression"] | None = None
     max_length: int = Field(128, gt=0)
+    # Training batches of similar-length examples in random order (less padding); false: plain random batches.
+    bucket_by_length: bool = True
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
 

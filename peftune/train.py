@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune import data, metrics, modeling, rundir
+from peftune.batching import LengthBucketSampler
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
 from peftune.recipe import Recipe, check_passthrough
@@ -97,7 +98,19 @@ def train(
         # backend (gloo): then the processes share the data and average their gradients.
         arguments.setdefault("use_cpu", True)
     args = TrainingArguments(**arguments)
-    trainer = Trainer(
+    sampler = None
+    if recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
+        lengths = [len(ids) for ids in train_set["input_ids"]]
+        sampler = LengthBucketSampler(lengths, args.per_device_train_batch_size, args.seed)
+    # Evaluation order does not change the metrics: by length, its batches carry little padding too.
+    eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
+    eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
+
+    class BucketTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    trainer = BucketTrainer(
         model=model,
         args=args,
         train_dataset=train_set,

@@ -126,6 +126,14 @@ CASES: dict[str, Case] = {
     "missing command argument": (lambda w: ["predict"], "Missing argument 'TARGET'"),
     "unknown option": (lambda w: ["train", w.recipe, "--epochs", "3"], "No such option '--epochs'"),
     "copy over an existing file": (lambda w: ["copy", "quickstart", str(w.root / "mine.yaml")], "--force"),
+    "push of an incomplete run": (
+        lambda w: ["push", w.file("incomplete"), "--repo-id", "me/tiny", "--dry-run"],
+        "training did not finish",
+    ),
+    "export of an incomplete run": (
+        lambda w: ["export", w.file("incomplete"), "--format", "onnx"],
+        "holds an incomplete run (no metrics.json)",
+    ),
     "push without a token": (
         lambda w: ["push", str(w.runs["lora"]), "--repo-id", "me/tiny"],
         "token",
