@@ -60,8 +60,10 @@ def train(
     labels = data.infer_labels(recipe.data, train_raw, eval_raw)
     metric_names = recipe.metrics or metrics.default_metrics(labels.problem_type)
     metrics.check_metrics(metric_names, labels.problem_type)
+    tokenizing = time.perf_counter()
     train_set = data.tokenize(train_raw, tokenizer, recipe.data, labels, recipe.data.train_split)
     eval_set = data.tokenize(eval_raw, tokenizer, recipe.data, labels, recipe.data.eval_split)
+    tokenize_seconds = time.perf_counter() - tokenizing
     log.info(
         "%s: %d train / %d eval examples, %s", recipe.name, len(train_set), len(eval_set),
         f"{labels.num_labels} labels" if labels.names else "regression",
@@ -166,6 +168,7 @@ def train(
         "global_steps": trainer.state.global_step,
         "world_size": args.world_size,
         "resumed_from_step": _step_of(checkpoint) if checkpoint else None,
+        "tokenize_s": round(tokenize_seconds, 3),
         "train_runtime_s": round(train_seconds, 3),
         "train_samples_per_second": round(samples_seen / train_seconds, 3),
         "train_tokens_per_second": round(tokens / train_seconds, 1),

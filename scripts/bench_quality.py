@@ -172,7 +172,8 @@ def write_report(runs: Path, report: Path) -> None:
         "Recipes: the offline twins `sst2-minilm` (one epoch over the full training set), `cola-minilm`, "
         "`mrpc-minilm` and `stsb-minilm` (three epochs each), with `method` switched and every other setting "
         "left as shipped: each method's own learning rate (full 5e-5, LoRA 2e-3, prefix 1e-2), batch 32 (16 for "
-        "the pairs) in length-bucketed random order, seed 42. CoLA keeps its best epoch by Matthews correlation; the others report the last "
+        "the pairs) in length-bucketed random order, seed 42. "
+        "CoLA keeps its best epoch by Matthews correlation; the others report the last "
         "epoch. One run per cell: differences of a point or two on the small dev sets (408 MRPC pairs, "
         "1,043 CoLA sentences, 872 SST-2 sentences) are within seed noise.",
         "",

@@ -126,6 +126,10 @@ CASES: dict[str, Case] = {
     "missing command argument": (lambda w: ["predict"], "Missing argument 'TARGET'"),
     "unknown option": (lambda w: ["train", w.recipe, "--epochs", "3"], "No such option '--epochs'"),
     "copy over an existing file": (lambda w: ["copy", "quickstart", str(w.root / "mine.yaml")], "--force"),
+    "predict with an incomplete run": (
+        lambda w: ["predict", w.file("incomplete"), "--text", "hi"],
+        "training did not finish; continue it with",
+    ),
     "push of an incomplete run": (
         lambda w: ["push", w.file("incomplete"), "--repo-id", "me/tiny", "--dry-run"],
         "training did not finish",
