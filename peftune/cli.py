@@ -99,6 +99,18 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"ok: {resolved.name} ({resolved.method} on {resolved.model.name_or_path}){note}")
 
 
+@main.command("plan")
+@click.argument("recipe")
+@overrides_argument
+@click.option("--memory", help="Memory of your GPU, e.g. 8GB (default: columns for 8, 12, 16 and 24 GB).")
+def plan_command(recipe: str, overrides: tuple[str, ...], memory: str | None) -> None:
+    """Estimate RECIPE's peak training memory under each method, without loading weights, and what fits."""
+    from peftune.plan import BUDGETS_GB, parse_memory, plan, render
+
+    budgets = [parse_memory(memory)] if memory else [size * 2**30 for size in BUDGETS_GB]
+    click.echo(render(plan(recipe, overrides), budgets, memory))
+
+
 @main.command("train")
 @click.argument("recipe")
 @overrides_argument

@@ -1,0 +1,216 @@
+"""Plan: estimate a recipe's peak training memory under each method, without loading any weights.
+
+The model is built from its config on the meta device (shapes, no storage), the method is attached as training
+would attach it, and one training forward pass is traced there: every tensor autograd keeps for the backward
+pass is counted. The estimate is the sum of
+
+- weights: float32, or for an 8-bit base int8 linear layers (one byte a weight and a float32 scale per output
+  row) with everything else in float32, as bitsandbytes loads them;
+- gradients of the trainable parameters (float32) and AdamW's two float32 states for each;
+- activations: the tensors saved for backward at the batch size and max_length (with gradient checkpointing,
+  the input of every layer plus one layer's saved tensors, recomputed in turn);
+- an allowance for the framework: ALLOWANCE_MB (CUDA context, kernels, allocator caching) plus ALLOWANCE_SHARE
+  of the rest, for transient tensors of the backward pass and fragmentation.
+
+Labels are taken from `data.labels` (two classes when the recipe does not list them; one output for regression).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from peftune import modeling
+from peftune.errors import PeftuneError
+from peftune.methods import METHODS
+from peftune.recipe import Recipe, load_recipe
+
+ALLOWANCE_MB = 512
+ALLOWANCE_SHARE = 0.10
+BUDGETS_GB = (8, 12, 16, 24)
+PLANNED = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.load_in_8bit=true"],
+           "prefix": ["method=prefix"]}  # fmt: skip
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak training memory of one method, in bytes, by part."""
+
+    method: str
+    batch_size: int
+    max_length: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # at batch_size
+    activations_checkpointed: int
+    trainable: int
+
+    def total(self, checkpointing: bool = False, batch_size: int | None = None) -> int:
+        scale = (batch_size or self.batch_size) / self.batch_size
+        activations = self.activations_checkpointed if checkpointing else self.activations
+        core = self.weights + self.gradients + self.optimizer + activations * scale
+        return int(ALLOWANCE_MB * MB + core * (1 + ALLOWANCE_SHARE))
+
+    def largest_batch(self, budget: int, checkpointing: bool = False) -> int:
+        """The largest per-device batch size whose estimate fits `budget` bytes (0 when none does)."""
+        per_example = (self.activations_checkpointed if checkpointing else self.activations) / self.batch_size
+        fixed = ALLOWANCE_MB * MB + (self.weights + self.gradients + self.optimizer) * (1 + ALLOWANCE_SHARE)
+        room = budget - fixed
+        return max(0, int(room / (per_example * (1 + ALLOWANCE_SHARE)))) if room > 0 else 0
+
+
+def parse_memory(text: str) -> int:
+    """`8GB`, `12 GiB`, `500MB`, `1.5G` as bytes (GB and GiB both mean 2**30 here, as GPU makers' sizes do)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not found:
+        raise PeftuneError(f"cannot read the memory size {text!r}; write it like 8GB, 12GiB or 500MB")
+    power = "KMGT".index(found.group(2).upper()) + 1
+    value = float(found.group(1)) * 1024**power
+    if value <= 0:
+        raise PeftuneError(f"the memory size {text!r} is not positive; write it like 8GB")
+    return int(value)
+
+
+def estimate(recipe: Recipe, config: Any = None) -> Estimate:
+    """The memory estimate of the recipe's method at its batch size and max_length (no weights are loaded)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = config if config is not None else modeling.load_config(recipe.model)
+    modeling.check_model(recipe, config)
+    problem = recipe.data.problem_type or "classification"
+    num_labels = 1 if problem == "regression" else len(recipe.data.labels or ["0", "1"])
+    config.num_labels = num_labels
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    prefix = f"{model.base_model_prefix}."
+    new_keys = {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+    fresh = modeling.fresh_modules(model, new_keys)
+    linear_weights = _quantized_linear_bytes(model, fresh) if recipe.model.load_in_8bit else None
+    attached = modeling.attach_method(model, _without_8bit(recipe), fresh)
+    trainable = sum(p.numel() for p in attached.parameters() if p.requires_grad)
+    weights = sum(p.numel() * 4 for p in attached.parameters())
+    weights += sum(b.numel() * b.element_size() for b in attached.buffers())
+    if linear_weights is not None:
+        weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their int8 form
+    batch = int(recipe.train.get("per_device_train_batch_size", 8))
+    length = recipe.data.max_length
+    activations, layer_inputs, layers = _traced_activations(attached, config, batch, length)
+    checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
+    return Estimate(recipe.method + ("-8bit" if recipe.model.load_in_8bit else ""), batch, length, weights,
+                    trainable * 4, trainable * 8, activations, checkpointed, trainable)  # fmt: skip
+
+
+def plan(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Estimate | str]]:
+    """An estimate for each method (full, LoRA, LoRA on 8-bit, prefix), or the reason it does not apply."""
+    base = load_recipe(ref, overrides)
+    config = modeling.load_config(base.model)
+    rows: list[tuple[str, Estimate | str]] = []
+    for name, switch in PLANNED.items():
+        recipe = load_recipe(ref, [*overrides, *switch])
+        try:
+            METHODS[recipe.method].check_architecture(config)
+        except PeftuneError as err:
+            rows.append((name, str(err).split(";")[0]))
+            continue
+        rows.append((name, estimate(recipe, config)))
+    return rows
+
+
+def render(rows: list[tuple[str, Estimate | str]], budgets: list[int], memory: str | None = None) -> str:
+    """The plan as a table: parts of the estimate in MB, and per budget the largest batch that fits.
+
+    With `memory` given and no method fitting it at the recipe's batch size, a PeftuneError says what would.
+    """
+    estimates = [e for _, e in rows if isinstance(e, Estimate)]
+    if memory and estimates and not any(e.largest_batch(budgets[0]) >= e.batch_size for e in estimates):
+        raise PeftuneError(advice(estimates, budgets[0], memory))
+    header = ["method", "trainable", "weights", "grad+optim", "activations", "total", "total ckpt"]
+    table = [header + [f"{b / 2**30:g} GB" for b in budgets]]
+    notes = []
+    for name, e in rows:
+        if not isinstance(e, Estimate):
+            notes.append(f"{name}: {e}")
+            continue
+        cells = []
+        for budget in budgets:
+            plain, ckpt = e.largest_batch(budget), e.largest_batch(budget, checkpointing=True)
+            cells.append(f"up to {plain}" if plain >= e.batch_size else (f"ckpt, up to {ckpt}" if ckpt else "no"))
+        parts = (e.weights, e.gradients + e.optimizer, e.activations, e.total(), e.total(checkpointing=True))
+        table.append([name, f"{e.trainable:,}", *(f"{value / MB:,.0f}" for value in parts), *cells])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    if estimates:
+        first = estimates[0]
+        lines.insert(0, f"Peak training memory in MB at batch {first.batch_size} x {first.max_length} tokens per "
+                     "device (estimate; includes a framework allowance). A budget column: the largest per-device "
+                     "batch that fits, with gradient checkpointing (ckpt) when only that fits.")  # fmt: skip
+    return "\n".join([*lines, *notes])
+
+
+def advice(estimates: list[Estimate], budget: int, text: str) -> str:
+    """One line for a budget no method fits at the recipe's batch size: what would fit instead."""
+    options = []
+    for e in estimates:
+        plain, ckpt = e.largest_batch(budget), e.largest_batch(budget, checkpointing=True)
+        if plain >= 1:
+            steps = -(-e.batch_size // plain)
+            options.append(
+                f"{e.method} with train.per_device_train_batch_size={plain} train.gradient_accumulation_steps={steps}"
+            )
+        elif ckpt >= 1:
+            options.append(f"{e.method} with train.gradient_checkpointing=true and batch size {ckpt}")
+    first = estimates[0]
+    where = f"at batch {first.batch_size} x {first.max_length} tokens"
+    if not options:
+        return (f"nothing fits {text} {where}, not even one example with gradient checkpointing; use a smaller "
+                "data.max_length or a smaller model")  # fmt: skip
+    return f"nothing fits {text} {where}; what would: " + "; ".join(options[:3]) + " (or a smaller data.max_length)"
+
+
+def _without_8bit(recipe: Recipe) -> Recipe:
+    """The recipe with a float base: the adapter is attached the same way, and 8-bit is counted separately."""
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_8bit": False})})
+
+
+def _quantized_linear_bytes(model: Any, fresh: list[str]) -> tuple[int, int]:
+    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the new modules')."""
+    from torch import nn
+
+    fp32 = int8 = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(name == f or name.startswith(f + ".") for f in fresh):
+            fp32 += module.weight.numel() * 4
+            int8 += module.weight.numel() + module.out_features * 4  # int8 weights and a float32 scale per row
+    return fp32, int8
+
+
+def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tuple[int, int, int]:
+    """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers."""
+    import torch
+
+    saved: dict[int, int] = {}
+    parameters = {id(p) for p in model.parameters()}  # weights saved for backward are counted as weights
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters and id(tensor._base) not in parameters:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.train()
+    ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
+    labels = torch.zeros((batch,), dtype=torch.float if config.num_labels == 1 else torch.long, device="meta")
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, labels=labels)
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        raise PeftuneError(
+            f"cannot trace {config.model_type} on the meta device to estimate its activations ({err}); "
+            "the plan covers encoder classifiers such as BERT, RoBERTa, DistilBERT and DeBERTa"
+        ) from None
+    layers = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)) or 0)
+    hidden = int(getattr(config, "hidden_size", getattr(config, "dim", 0)) or 0)
+    return sum(saved.values()), layers * batch * length * hidden * 4, layers
