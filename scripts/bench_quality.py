@@ -8,9 +8,10 @@ figures for context.
     python scripts/bench_quality.py --data-dir ../shared/data            # train what is missing, write the report
     python scripts/bench_quality.py --report-only                        # rewrite the report from finished runs
 
-Runs already complete are reused (when trained with the same recipe) and interrupted ones continue from their
-last checkpoint, so the benchmark can be stopped and started again: each run is a `peftune train` child process
-with its log in RUNS/logs. On two CPU cores the whole benchmark takes many hours.
+Runs already complete are reused when trained with the same recipe (a run whose recipe changed since is trained
+again) and interrupted ones continue from their last checkpoint, so the benchmark can be stopped and started
+again: each run is a `peftune train` child process with its log in RUNS/logs. On two CPU cores the whole
+benchmark takes hours.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from peftune import rundir
+from peftune.recipe import load_recipe
 from peftune.sweep import train_run
 from peftune.train import library_versions
 
@@ -88,6 +91,10 @@ def train_all(runs: Path, pairs: list[tuple[str, str]]) -> list[str]:
         spec = TASKS[task]
         overrides = [*spec.overrides, *METHODS[method]]
         where = f"[{number}/{len(pairs)}] {task} {method}"
+        run = run_folder(runs, task, method)
+        if run.recipe_file.is_file() and not load_recipe(spec.recipe, overrides).same_as_saved(run.recipe_file):
+            print(f"{where}: the recipe changed since this run started: training it again", flush=True)
+            shutil.rmtree(run.path)
         started = time.perf_counter()
         status = train_run(
             spec.recipe, overrides, run_folder(runs, task, method), runs / "logs" / task,
