@@ -117,8 +117,9 @@ def plan_command(recipe: str, overrides: tuple[str, ...], memory: str | None) ->
 @click.option("--output-dir", type=click.Path(), help="Run folder (default: the recipe's output_dir or runs/NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete or interrupted run in the run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--fit", help="Choose batch size, accumulation and checkpointing to fit this memory, e.g. 8GB.")
 def train_command(
-    recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, resume: bool
+    recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, resume: bool, fit: str | None
 ) -> None:
     """Fine-tune with RECIPE (a shipped name or a YAML path); KEY=VALUE overrides any recipe key."""
     import os
@@ -130,7 +131,7 @@ def train_command(
     resolved = load_recipe(recipe, overrides)
     if main_process:
         click.echo(resolved.to_yaml())
-    run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite, resume=resume)
+    run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite, resume=resume, fit=fit)
     if not main_process:
         return
     record = run.read_metrics()

@@ -73,6 +73,11 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
             "choose an encoder such as BERT, RoBERTa, DeBERTa or DistilBERT"
         )
     METHODS[recipe.method].check_architecture(config)
+    if METHODS[recipe.method].needs_past_key_values and recipe.train.get("gradient_checkpointing"):
+        raise PeftuneError(
+            f"{recipe.method} tuning does not work with gradient checkpointing (the recomputed layers lose the "
+            "prefix); set train.gradient_checkpointing=false, or use method=lora"
+        )
     limit = max_positions(config)
     if limit is not None and recipe.data.max_length > limit:
         raise PeftuneError(

@@ -151,6 +151,36 @@ def render(rows: list[tuple[str, Estimate | str]], budgets: list[int], memory: s
     return "\n".join([*lines, *notes])
 
 
+def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe with a per-device batch size, gradient accumulation and checkpointing that fit `budget`.
+
+    The effective batch (per-device batch x accumulation steps) stays the recipe's; gradient checkpointing is
+    turned on only when no batch size fits without it. Returns the recipe and what was chosen.
+    """
+    planned = estimate(recipe)
+    per_device = planned.batch_size
+    accumulation = int(recipe.train.get("gradient_accumulation_steps", 1))
+    effective = per_device * accumulation
+    already = bool(recipe.train.get("gradient_checkpointing"))
+    choice: dict[str, Any] = {"budget_mb": round(budget / MB), "effective_batch": effective}
+    # Prefix tuning cannot use gradient checkpointing (see modeling.check_model).
+    options = (True,) if already else (False,) if METHODS[recipe.method].needs_past_key_values else (False, True)
+    for checkpointing in options:
+        sizes = [b for b in range(min(per_device, effective), 0, -1) if effective % b == 0]
+        fitting = [b for b in sizes if planned.total(checkpointing, batch_size=b) <= budget]
+        if fitting:
+            batch = fitting[0]
+            train = {**recipe.train, "per_device_train_batch_size": batch,
+                     "gradient_accumulation_steps": effective // batch}  # fmt: skip
+            if checkpointing:
+                train["gradient_checkpointing"] = True
+            choice.update(per_device_train_batch_size=batch, gradient_accumulation_steps=effective // batch,
+                          gradient_checkpointing=checkpointing,
+                          estimate_mb=round(planned.total(checkpointing, batch_size=batch) / MB))  # fmt: skip
+            return recipe.model_copy(update={"train": train}), choice
+    raise PeftuneError(advice([planned], budget, text))
+
+
 def advice(estimates: list[Estimate], budget: int, text: str) -> str:
     """One line for a budget no method fits at the recipe's batch size: what would fit instead."""
     options = []

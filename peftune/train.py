@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peftune import data, metrics, modeling, rundir
+from peftune import data, metrics, modeling, plan, rundir
 from peftune.batching import LengthBucketSampler
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
@@ -40,6 +40,7 @@ def train(
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
     resume: bool = False,
+    fit: str | None = None,
 ) -> rundir.RunDir:
     """Fine-tune the recipe's model on its data and write a complete run folder; return it.
 
@@ -50,6 +51,12 @@ def train(
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     run = rundir.RunDir(Path(output_dir) if output_dir else default_run_dir(recipe))
+    fitted = None
+    if fit is not None:  # choose batch size, accumulation and checkpointing for the memory budget first
+        recipe, fitted = plan.fit(recipe, plan.parse_memory(fit), fit)
+        log.info("fit %s: per-device batch %d, gradient accumulation %d, gradient checkpointing %s "
+                 "(estimate %d MB)", fit, fitted["per_device_train_batch_size"], fitted["gradient_accumulation_steps"],
+                 "on" if fitted["gradient_checkpointing"] else "off", fitted["estimate_mb"])  # fmt: skip
     checkpoint = _resume_point(run, recipe, resume, overwrite)
     check_passthrough(recipe)
     modeling.check_model(recipe, modeling.load_config(recipe.model))
@@ -168,6 +175,7 @@ def train(
         "global_steps": trainer.state.global_step,
         "world_size": args.world_size,
         "resumed_from_step": _step_of(checkpoint) if checkpoint else None,
+        "fit": fitted,
         "tokenize_s": round(tokenize_seconds, 3),
         "train_runtime_s": round(train_seconds, 3),
         "train_samples_per_second": round(samples_seen / train_seconds, 3),

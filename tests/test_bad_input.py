@@ -97,6 +97,10 @@ CASES: dict[str, Case] = {
         lambda w: ["train", w.distilbert_recipe, "method=prefix", "--output-dir", str(w.root / "out")],
         "past_key_values",
     ),
+    "prefix with gradient checkpointing": (
+        lambda w: train(w, "method=prefix", "train.gradient_checkpointing=true"),
+        "does not work with gradient checkpointing",
+    ),
     "8-bit without bitsandbytes": (
         lambda w: train(w, "model.load_in_8bit=true"),
         "needs a working bitsandbytes",

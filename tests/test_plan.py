@@ -88,3 +88,45 @@ def test_plan_command(tiny_models, reviews, tmp_path):
     assert "train.gradient_accumulation_steps=" in tight.stderr
     bad = CliRunner().invoke(main, ["plan", recipe, "--memory", "lots"])
     assert bad.exit_code == 2 and "cannot read the memory size 'lots'" in bad.stderr
+
+
+def test_fit_keeps_the_effective_batch_and_records_its_choice(tiny_bert, reviews, tmp_path):
+    from peftune.plan import fit
+
+    recipe_file = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
+    recipe = load_recipe(recipe_file)  # per-device batch 8, no accumulation
+    planned = estimate(recipe)
+
+    same, choice = fit(recipe, planned.total() + MB, "roomy")
+    assert same.train == recipe.train | {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    assert choice["gradient_checkpointing"] is False
+
+    # Room for a batch of 4 but not 8: four per device, two accumulation steps, no checkpointing.
+    smaller, choice = fit(recipe, planned.total(batch_size=4), "tight")
+    assert (smaller.train["per_device_train_batch_size"], smaller.train["gradient_accumulation_steps"]) == (4, 2)
+    assert "gradient_checkpointing" not in smaller.train and choice["effective_batch"] == 8
+
+    # Room only with checkpointing (not even one example fits without): it is turned on.
+    budget = planned.total(batch_size=1) - 1
+    checkpointed, choice = fit(recipe, budget, "only-ckpt")
+    batch = choice["per_device_train_batch_size"]
+    assert checkpointed.train["gradient_checkpointing"] is True and choice["gradient_checkpointing"] is True
+    assert planned.total(checkpointing=True, batch_size=batch) <= budget and 8 % batch == 0
+    assert checkpointed.train["gradient_accumulation_steps"] == 8 // batch
+
+    with pytest.raises(PeftuneError, match=r"nothing fits 100MB"):
+        fit(recipe, 100 * MB, "100MB")
+    # Prefix tuning cannot use gradient checkpointing, so fit never turns it on for it.
+    prefix = load_recipe(recipe_file, ["method=prefix"])
+    with pytest.raises(PeftuneError, match="nothing fits"):
+        fit(prefix, estimate(prefix).total(batch_size=1) - 1, "tight")
+
+    # Through training: the run trains with the choice, records it, and its effective batch is the recipe's.
+    tight = f"{planned.total(batch_size=4) / MB:.3f}MB"
+    result = CliRunner().invoke(
+        main, ["--quiet", "train", recipe_file, "--fit", tight, "--output-dir", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["fit"]["per_device_train_batch_size"] == 4 and metrics["fit"]["gradient_accumulation_steps"] == 2
+    assert metrics["global_steps"] == 8, "64 reviews, effective batch 8: 8 optimizer steps, as without --fit"
