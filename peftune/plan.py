@@ -48,18 +48,24 @@ class Estimate:
     activations_checkpointed: int
     trainable: int
 
+    def core(self, checkpointing: bool = False, batch_size: int | None = None) -> float:
+        """Weights, gradients, optimizer state and activations at `batch_size`, without the allowance."""
+        return self._fixed() + self._per_example(checkpointing) * (batch_size or self.batch_size)
+
     def total(self, checkpointing: bool = False, batch_size: int | None = None) -> int:
-        scale = (batch_size or self.batch_size) / self.batch_size
-        activations = self.activations_checkpointed if checkpointing else self.activations
-        core = self.weights + self.gradients + self.optimizer + activations * scale
-        return int(ALLOWANCE_MB * MB + core * (1 + ALLOWANCE_SHARE))
+        """The estimate: the core parts and the framework allowance."""
+        return int(ALLOWANCE_MB * MB + self.core(checkpointing, batch_size) * (1 + ALLOWANCE_SHARE))
 
     def largest_batch(self, budget: int, checkpointing: bool = False) -> int:
-        """The largest per-device batch size whose estimate fits `budget` bytes (0 when none does)."""
-        per_example = (self.activations_checkpointed if checkpointing else self.activations) / self.batch_size
-        fixed = ALLOWANCE_MB * MB + (self.weights + self.gradients + self.optimizer) * (1 + ALLOWANCE_SHARE)
-        room = budget - fixed
-        return max(0, int(room / (per_example * (1 + ALLOWANCE_SHARE)))) if room > 0 else 0
+        """The largest per-device batch size whose estimate fits `budget` bytes (0 when none does): total's inverse."""
+        room = (budget - ALLOWANCE_MB * MB) / (1 + ALLOWANCE_SHARE) - self._fixed()
+        return max(0, int(room / self._per_example(checkpointing)))
+
+    def _fixed(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def _per_example(self, checkpointing: bool) -> float:
+        return (self.activations_checkpointed if checkpointing else self.activations) / self.batch_size
 
 
 def parse_memory(text: str) -> int:
@@ -158,15 +164,16 @@ def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]
     turned on only when no batch size fits without it. Returns the recipe and what was chosen.
     """
     planned = estimate(recipe)
-    per_device = planned.batch_size
-    accumulation = int(recipe.train.get("gradient_accumulation_steps", 1))
-    effective = per_device * accumulation
-    already = bool(recipe.train.get("gradient_checkpointing"))
+    effective = planned.batch_size * int(recipe.train.get("gradient_accumulation_steps", 1))
     choice: dict[str, Any] = {"budget_mb": round(budget / MB), "effective_batch": effective}
-    # Prefix tuning cannot use gradient checkpointing (see modeling.check_model).
-    options = (True,) if already else (False,) if METHODS[recipe.method].needs_past_key_values else (False, True)
+    if recipe.train.get("gradient_checkpointing"):
+        options: tuple[bool, ...] = (True,)
+    elif METHODS[recipe.method].needs_past_key_values:  # prefix tuning cannot use it (modeling.check_model)
+        options = (False,)
+    else:
+        options = (False, True)
+    sizes = [b for b in range(planned.batch_size, 0, -1) if effective % b == 0]  # divisors: effective batch kept
     for checkpointing in options:
-        sizes = [b for b in range(min(per_device, effective), 0, -1) if effective % b == 0]
         fitting = [b for b in sizes if planned.total(checkpointing, batch_size=b) <= budget]
         if fitting:
             batch = fitting[0]

@@ -71,6 +71,7 @@ def train(
     train_set = data.tokenize(train_raw, tokenizer, recipe.data, labels, recipe.data.train_split)
     eval_set = data.tokenize(eval_raw, tokenizer, recipe.data, labels, recipe.data.eval_split)
     tokenize_seconds = time.perf_counter() - tokenizing
+    train_lengths = [len(ids) for ids in train_set["input_ids"]]  # read once: batching and tokens/s
     log.info(
         "%s: %d train / %d eval examples, %s", recipe.name, len(train_set), len(eval_set),
         f"{labels.num_labels} labels" if labels.names else "regression",
@@ -109,8 +110,7 @@ def train(
     args = TrainingArguments(**arguments)
     sampler = None
     if recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
-        lengths = [len(ids) for ids in train_set["input_ids"]]
-        sampler = LengthBucketSampler(lengths, args.per_device_train_batch_size, args.seed)
+        sampler = LengthBucketSampler(train_lengths, args.per_device_train_batch_size, args.seed)
     # Evaluation order does not change the metrics: by length, its batches carry little padding too.
     eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
     eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
@@ -138,7 +138,7 @@ def train(
     train_seconds = _seconds_before(checkpoint) + time.perf_counter() - started
     samples_seen = len(train_set) * (trainer.state.epoch or 0)
     history = _eval_history(trainer.state.log_history)
-    tokens = sum(len(ids) for ids in train_set["input_ids"]) * (trainer.state.epoch or 0)
+    tokens = sum(train_lengths) * (trainer.state.epoch or 0)
     if history and history[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
         eval_metrics = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved

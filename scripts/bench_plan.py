@@ -63,7 +63,7 @@ def measure(recipe: str, overrides: list[str]) -> float:
 
 
 def main() -> int:
-    from peftune.plan import ALLOWANCE_MB, ALLOWANCE_SHARE, MB, estimate
+    from peftune.plan import MB, estimate
     from peftune.recipe import load_recipe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -78,7 +78,7 @@ def main() -> int:
             overrides = [f"model.name_or_path={MINILM}", *shape_overrides, *switch]
             recipe = load_recipe("quickstart", overrides)
             planned = estimate(recipe)
-            core = (planned.total() - ALLOWANCE_MB * MB) / (1 + ALLOWANCE_SHARE) / MB
+            core = planned.core() / MB
             measured = measure("quickstart", overrides)
             rows.append({"model": "all-MiniLM-L6-v2", "shape": shape, "method": method,
                          "weights": planned.weights / MB, "activations": planned.activations / MB,
