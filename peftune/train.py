@@ -115,6 +115,9 @@ def train(
     eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
     eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
 
+    # Read now: Trainer deletes old checkpoints (save_total_limit) before training ends.
+    seconds_before = _seconds_before(checkpoint)
+
     class BucketTrainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
@@ -127,7 +130,7 @@ def train(
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
         processing_class=tokenizer,
         compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
-        callbacks=[*callbacks, _elapsed_time(_seconds_before(checkpoint))],
+        callbacks=[*callbacks, _elapsed_time(seconds_before)],
     )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -135,7 +138,7 @@ def train(
         log.info("resuming %s from %s", run.path, checkpoint.name)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = _seconds_before(checkpoint) + time.perf_counter() - started
+    train_seconds = seconds_before + time.perf_counter() - started
     samples_seen = len(train_set) * (trainer.state.epoch or 0)
     history = _eval_history(trainer.state.log_history)
     tokens = sum(train_lengths) * (trainer.state.epoch or 0)
