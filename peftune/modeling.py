@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,6 @@ def _looks_local(name: str) -> bool:
 
 def _check_reference(name: str) -> None:
     """A missing local folder gets its own message, not the Hub client's complaint about repo ids."""
-    import os
 
     if _looks_local(name) and not os.path.exists(name):
         raise PeftuneError(
@@ -111,17 +111,27 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return limit
 
 
+def is_local_model(spec: ModelSpec) -> bool:
+    """Whether the base model is a folder on this machine (a path, or a pkg:// reference), not a Hub id."""
+    return os.path.exists(local_path(spec.name_or_path, "model.name_or_path"))
+
+
+def config_if_reachable(spec: ModelSpec) -> PretrainedConfig | None:
+    """The base model's config: from a local folder (its errors are the user's to fix), or from the Hub when
+    it can be reached; None for a Hub id that cannot be reached (offline)."""
+    if is_local_model(spec):
+        return load_config(spec)
+    try:
+        return load_config(spec)
+    except PeftuneError:
+        return None
+
+
 def check_model_if_reachable(recipe: Recipe) -> bool:
     """`check_model` without the weights; False when the config of a Hub model cannot be reached."""
-    import os
-
-    if not os.path.exists(local_path(recipe.model.name_or_path, "model.name_or_path")):
-        try:
-            config = load_config(recipe.model)
-        except PeftuneError:  # a Hub id while offline: checked when training starts instead
-            return False
-    else:
-        config = load_config(recipe.model)
+    config = config_if_reachable(recipe.model)
+    if config is None:  # a Hub id while offline: checked when training starts instead
+        return False
     check_model(recipe, config)
     return True
 

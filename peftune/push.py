@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from peftune import rundir
+from peftune import modeling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import Recipe, load_recipe, local_path
+from peftune.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def hub_base_model(recipe: Recipe, given: str | None, echo: Callable[[str], Any]
         check_repo_id(given)
         return given
     name = recipe.model.name_or_path
-    if name.startswith("pkg://") or os.path.exists(local_path(name, "model.name_or_path")):
+    if name.startswith("pkg://") or modeling.is_local_model(recipe.model):
         echo(
             f"warning: the base model was loaded from {name}, not a Hub id; the card leaves base_model out "
             "(pass --base-model-id ORG/NAME to name it)"

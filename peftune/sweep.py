@@ -23,7 +23,7 @@ import yaml
 from peftune import compare, modeling, rundir
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
-from peftune.recipe import Recipe, check_passthrough, load_recipe, local_path
+from peftune.recipe import Recipe, check_passthrough, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list
     if len(set(keys)) != len(keys):
         raise PeftuneError(f"--grid names a key twice ({', '.join(keys)}); give each key one --grid with all values")
     base = load_recipe(spec, overrides)
-    config = _config_if_reachable(base)
+    config = modeling.config_if_reachable(base.model)
     plans: dict[tuple[tuple[str, str], ...], Plan] = {}
     for values in itertools.product(*(choices for _, choices in axes)):
         assignments = dict(zip(keys, values, strict=True))
@@ -202,24 +202,6 @@ def _check_same_settings(run: rundir.RunDir, recipe: Recipe) -> None:
             f"{run.path} was trained with other settings than this sweep's; give the sweep another "
             "--output-dir, or remove that run folder to train it again"
         )
-
-
-def _config_if_reachable(recipe: Recipe) -> Any:
-    """The base model's config when it can be read here (a local folder, or the Hub when online)."""
-    import os
-
-    if os.path.exists(local_path(recipe.model.name_or_path, "model.name_or_path")) or not _offline():
-        try:
-            return modeling.load_config(recipe.model)
-        except PeftuneError:
-            return None
-    return None
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _overrides(assignments: dict[str, str]) -> list[str]:
