@@ -18,6 +18,7 @@ Labels are taken from `data.labels` (two classes when the recipe does not list t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,7 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     new_keys = {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
     fresh = modeling.fresh_modules(model, new_keys)
     linear_weights = _quantized_linear_bytes(model, fresh) if recipe.model.load_in_8bit else None
+    quantized = _quantized_linears(model, fresh) if recipe.model.load_in_8bit else []
     attached = modeling.attach_method(model, _without_8bit(recipe), fresh)
     trainable = sum(p.numel() for p in attached.parameters() if p.requires_grad)
     weights = sum(p.numel() * 4 for p in attached.parameters())
@@ -104,7 +106,7 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
         weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their int8 form
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = recipe.data.max_length
-    activations, layer_inputs, layers = _traced_activations(attached, config, batch, length)
+    activations, layer_inputs, layers = _traced_activations(attached, config, batch, length, quantized)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
     return Estimate(recipe.method + ("-8bit" if recipe.model.load_in_8bit else ""), batch, length, weights,
                     trainable * 4, trainable * 8, activations, checkpointed, trainable)  # fmt: skip
@@ -213,23 +215,37 @@ def _without_8bit(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_8bit": False})})
 
 
-def _quantized_linear_bytes(model: Any, fresh: list[str]) -> tuple[int, int]:
-    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the new modules')."""
+def _quantized_linears(model: Any, fresh: list[str]) -> list[Any]:
+    """The linear layers bitsandbytes quantizes: all but those inside the new modules."""
     from torch import nn
 
-    fp32 = int8 = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not any(name == f or name.startswith(f + ".") for f in fresh):
-            fp32 += module.weight.numel() * 4
-            int8 += module.weight.numel() + module.out_features * 4  # int8 weights and a float32 scale per row
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(name == f or name.startswith(f + ".") for f in fresh)
+    ]
+
+
+def _quantized_linear_bytes(model: Any, fresh: list[str]) -> tuple[int, int]:
+    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the new modules')."""
+    linears = _quantized_linears(model, fresh)
+    fp32 = sum(module.weight.numel() * 4 for module in linears)
+    int8 = sum(module.weight.numel() + module.out_features * 4 for module in linears)  # and a float32 scale a row
     return fp32, int8
 
 
-def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tuple[int, int, int]:
-    """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers."""
+def _traced_activations(
+    model: Any, config: Any, batch: int, length: int, quantized: Sequence[Any] = ()
+) -> tuple[int, int, int]:
+    """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers.
+
+    `quantized` are the linear layers loaded as bitsandbytes int8: its autograd function keeps each one's input
+    for the backward pass (outside autograd's saved tensors), so those inputs count too, once each.
+    """
     import torch
 
     saved: dict[int, int] = {}
+    kept: dict[int, torch.Tensor] = {}  # referenced, so that no id is reused while tracing
     parameters = {id(p) for p in model.parameters()}  # weights saved for backward are counted as weights
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -237,6 +253,10 @@ def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tup
             saved[id(tensor)] = tensor.numel() * tensor.element_size()
         return tensor
 
+    def keep_input(module: Any, args: tuple) -> None:
+        kept[id(args[0])] = args[0]
+
+    hooks = [module.register_forward_pre_hook(keep_input) for module in quantized]
     model.train()
     ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
     labels = torch.zeros((batch,), dtype=torch.float if config.num_labels == 1 else torch.long, device="meta")
@@ -248,6 +268,12 @@ def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tup
             f"cannot trace {config.model_type} on the meta device to estimate its activations ({err}); "
             "the plan covers encoder classifiers such as BERT, RoBERTa, DistilBERT and DeBERTa"
         ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for key, tensor in kept.items():
+        if key not in saved and (tensor._base is None or id(tensor._base) not in saved):
+            saved[key] = tensor.numel() * tensor.element_size()
     layers = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)) or 0)
     hidden = int(getattr(config, "hidden_size", getattr(config, "dim", 0)) or 0)
     return sum(saved.values()), layers * batch * length * hidden * 4, layers
