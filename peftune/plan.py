@@ -6,9 +6,11 @@ pass is counted. The estimate is the sum of
 
 - weights: float32, or for an 8-bit base int8 linear layers (one byte a weight and a float32 scale per output
   row) with everything else in float32, as bitsandbytes loads them;
-- gradients of the trainable parameters (float32) and AdamW's two float32 states for each;
-- activations: the tensors saved for backward at the batch size and max_length (with gradient checkpointing,
-  the input of every layer plus one layer's saved tensors, recomputed in turn);
+- AdamW's two float32 states for each trainable parameter;
+- the larger of two: the activations, the tensors saved for backward at the batch size and max_length (with
+  gradient checkpointing, the input of every layer plus one layer's saved tensors, recomputed in turn), plus the
+  float32 gradients when gradient accumulation holds them meanwhile; or twice the gradients, for the optimizer
+  step (backward frees activations as it makes gradients, so the two do not peak together);
 - an allowance for the framework: ALLOWANCE_MB (CUDA context, kernels, allocator caching) plus ALLOWANCE_SHARE
   of the rest, for transient tensors of the backward pass and fragmentation.
 
@@ -48,22 +50,38 @@ class Estimate:
     activations: int  # at batch_size
     activations_checkpointed: int
     trainable: int
+    accumulation: int = 1  # gradient accumulation steps: above 1, gradients are held while the next batch runs
 
-    def core(self, checkpointing: bool = False, batch_size: int | None = None) -> float:
-        """Weights, gradients, optimizer state and activations at `batch_size`, without the allowance."""
-        return self._fixed() + self._per_example(checkpointing) * (batch_size or self.batch_size)
+    def core(
+        self, checkpointing: bool = False, batch_size: int | None = None, accumulation: int | None = None
+    ) -> float:
+        """Weights, optimizer state, and activations or gradients at `batch_size`, without the allowance.
 
-    def total(self, checkpointing: bool = False, batch_size: int | None = None) -> int:
+        Activations and gradients do not peak together: backward frees the saved activations as it makes the
+        gradients. The optimizer step then holds the gradients and about as much again in temporaries (AdamW's
+        foreach path computes the square root of its second moments as a new list), so the larger of the
+        activations and twice the gradients is what comes on top of weights and optimizer state. With gradient
+        accumulation the gradients of the earlier batches are held during the next one's activations.
+        """
+        activations = self._per_example(checkpointing) * (batch_size or self.batch_size)
+        return self._fixed() + max(activations + self._held(accumulation), 2 * self.gradients)
+
+    def total(self, checkpointing: bool = False, batch_size: int | None = None, accumulation: int | None = None) -> int:
         """The estimate: the core parts and the framework allowance."""
-        return int(ALLOWANCE_MB * MB + self.core(checkpointing, batch_size) * (1 + ALLOWANCE_SHARE))
+        return int(ALLOWANCE_MB * MB + self.core(checkpointing, batch_size, accumulation) * (1 + ALLOWANCE_SHARE))
 
-    def largest_batch(self, budget: int, checkpointing: bool = False) -> int:
+    def largest_batch(self, budget: int, checkpointing: bool = False, accumulation: int | None = None) -> int:
         """The largest per-device batch size whose estimate fits `budget` bytes (0 when none does): total's inverse."""
         room = (budget - ALLOWANCE_MB * MB) / (1 + ALLOWANCE_SHARE) - self._fixed()
-        return max(0, int(room / self._per_example(checkpointing)))
+        if room + 1 < 2 * self.gradients:  # + 1: total() rounds down to whole bytes
+            return 0
+        return max(0, int((room - self._held(accumulation)) / self._per_example(checkpointing)))
+
+    def _held(self, accumulation: int | None) -> int:
+        return self.gradients if (accumulation or self.accumulation) > 1 else 0
 
     def _fixed(self) -> int:
-        return self.weights + self.gradients + self.optimizer
+        return self.weights + self.optimizer
 
     def _per_example(self, checkpointing: bool) -> float:
         return (self.activations_checkpointed if checkpointing else self.activations) / self.batch_size
@@ -109,7 +127,8 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     activations, layer_inputs, layers = _traced_activations(attached, config, batch, length, quantized)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
     return Estimate(recipe.method + ("-8bit" if recipe.model.load_in_8bit else ""), batch, length, weights,
-                    trainable * 4, trainable * 8, activations, checkpointed, trainable)  # fmt: skip
+                    trainable * 4, trainable * 8, activations, checkpointed, trainable,
+                    int(recipe.train.get("gradient_accumulation_steps", 1)))  # fmt: skip
 
 
 def plan(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Estimate | str]]:
@@ -176,7 +195,7 @@ def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]
         options = (False, True)
     sizes = [b for b in range(planned.batch_size, 0, -1) if effective % b == 0]  # divisors: effective batch kept
     for checkpointing in options:
-        fitting = [b for b in sizes if planned.total(checkpointing, batch_size=b) <= budget]
+        fitting = [b for b in sizes if planned.total(checkpointing, b, effective // b) <= budget]
         if fitting:
             batch = fitting[0]
             train = {**recipe.train, "per_device_train_batch_size": batch,
@@ -185,7 +204,7 @@ def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]
                 train["gradient_checkpointing"] = True
             choice.update(per_device_train_batch_size=batch, gradient_accumulation_steps=effective // batch,
                           gradient_checkpointing=checkpointing,
-                          estimate_mb=round(planned.total(checkpointing, batch_size=batch) / MB))  # fmt: skip
+                          estimate_mb=round(planned.total(checkpointing, batch, effective // batch) / MB))  # fmt: skip
             return recipe.model_copy(update={"train": train}), choice
     raise PeftuneError(advice([planned], budget, text))
 
@@ -194,7 +213,8 @@ def advice(estimates: list[Estimate], budget: int, text: str) -> str:
     """One line for a budget no method fits at the recipe's batch size: what would fit instead."""
     options = []
     for e in estimates:
-        plain, ckpt = e.largest_batch(budget), e.largest_batch(budget, checkpointing=True)
+        # Below the recipe's batch, accumulation makes up the difference (and holds the gradients meanwhile).
+        plain, ckpt = e.largest_batch(budget, accumulation=2), e.largest_batch(budget, True, accumulation=2)
         if plain >= 1:
             steps = -(-e.batch_size // plain)
             options.append(
