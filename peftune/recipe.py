@@ -158,6 +158,21 @@ class Recipe(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _projected_prefixes_are_not_reloaded(self) -> Recipe:
+        # peft saves a projected prefix as its output, not the projection being trained (peft issue 2256),
+        # so Trainer cannot load the best checkpoint back into the model: it fails after the last epoch.
+        if (
+            self.method == "prefix"
+            and self.prefix.get("prefix_projection")
+            and self.train.get("load_best_model_at_end")
+        ):
+            raise ValueError(
+                "prefix.prefix_projection=true cannot keep the best checkpoint: peft saves the projected prefixes, "
+                "not the projection, so train.load_best_model_at_end cannot reload them; set one of them to false"
+            )
+        return self
+
     @field_validator(*METHODS, "train", mode="before")
     @classmethod
     def _over_defaults(cls, value: Any, info: Any) -> Any:

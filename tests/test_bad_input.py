@@ -76,6 +76,17 @@ CASES: dict[str, Case] = {
     "bad Trainer value": (lambda w: ["validate", w.recipe, "train.lr_scheduler_type=wavy"], "SchedulerType"),
     "unknown LoRA argument": (lambda w: ["validate", w.recipe, "lora.rank=4"], "rank"),
     "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.load_in_8bit=true"), "8-bit"),
+    "projected prefixes with the best checkpoint kept": (
+        lambda w: train(
+            w,
+            "method=prefix",
+            "prefix.prefix_projection=true",
+            "train.eval_strategy=epoch",
+            "train.save_strategy=epoch",
+            "train.load_best_model_at_end=true",
+        ),
+        "prefix.prefix_projection=true cannot keep the best checkpoint",
+    ),
     "unset environment variable": (lambda w: train(w, "data.files.train=${NO_SUCH_DIR}/t.csv"), "NO_SUCH_DIR"),
     "run name with a path": (lambda w: ["validate", w.recipe, "name=../evil"], "'../evil' cannot name a run folder"),
     # --- data

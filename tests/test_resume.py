@@ -110,3 +110,19 @@ def test_resume_refuses_what_it_cannot_continue(recipe, tmp_path):
     assert done.returncode == 2 and "already holds a complete run; it has nothing left to resume" in done.stderr
     both = peftune("train", recipe, "--output-dir", str(tmp_path / "done"), "--resume", "--overwrite")
     assert both.returncode == 2 and "pass one of them" in both.stderr
+
+
+def test_a_run_with_projected_prefixes_is_not_resumed(recipe, tmp_path):
+    # peft checkpoints a projected prefix as its output, so the projection cannot be trained on from it:
+    # Trainer would fail loading it. The run is refused before any work, and kept as it was.
+    settings = ["method=prefix", "prefix.prefix_projection=true", "train.num_train_epochs=2"]
+    crashed = tmp_path / "crashed"
+    child = [sys.executable, "-c", KILLED_CHILD.format(kill_at=10), recipe, str(crashed), *settings]
+    assert subprocess.run(child, capture_output=True, text=True, check=False).returncode == -signal.SIGKILL
+    before = sorted(p.relative_to(crashed) for p in crashed.rglob("*"))
+
+    resumed = peftune("train", recipe, *settings, "--output-dir", str(crashed), "--resume")
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert "cannot be resumed: with prefix.prefix_projection=true" in resumed.stderr
+    assert "--overwrite" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert sorted(p.relative_to(crashed) for p in crashed.rglob("*")) == before
