@@ -48,6 +48,14 @@ class Method:
         """True when the method trains a peft adapter instead of the whole model."""
         return self.peft_config_class is not None
 
+    def checkpoints_reload(self, block: dict[str, Any]) -> bool:
+        """Whether a checkpoint can be loaded back to train on (best model at the end, --resume).
+
+        With `prefix_projection`, peft checkpoints the projected prefixes, not the projection being trained
+        (peft issue 2256), so Trainer cannot load one back into the training model.
+        """
+        return not (self.virtual_tokens and block.get("prefix_projection"))
+
     def check_architecture(self, config: PretrainedConfig) -> None:
         """Refuse, in one line, an architecture this method cannot work with."""
         if self.needs_past_key_values and not accepts_past_key_values(config):

@@ -160,13 +160,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _projected_prefixes_are_not_reloaded(self) -> Recipe:
-        # peft saves a projected prefix as its output, not the projection being trained (peft issue 2256),
-        # so Trainer cannot load the best checkpoint back into the model: it fails after the last epoch.
-        if (
-            self.method == "prefix"
-            and self.prefix.get("prefix_projection")
-            and self.train.get("load_best_model_at_end")
-        ):
+        # Trainer would fail after the last epoch, loading the best checkpoint back.
+        if self.train.get("load_best_model_at_end") and not METHODS[self.method].checkpoints_reload(self.method_block):
             raise ValueError(
                 "prefix.prefix_projection=true cannot keep the best checkpoint: peft saves the projected prefixes, "
                 "not the projection, so train.load_best_model_at_end cannot reload them; set one of them to false"

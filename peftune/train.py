@@ -223,8 +223,8 @@ def _resume_point(run: rundir.RunDir, recipe: Recipe, resume: bool, overwrite: b
             f"{run.path} was started with other settings than these (its {rundir.RECIPE_FILE} differs); resume "
             "with the same recipe and overrides, or pass --overwrite to start again"
         )
-    if checkpoint is not None and recipe.method == "prefix" and recipe.prefix.get("prefix_projection"):
-        raise PeftuneError(  # peft's checkpoint holds the projected prefixes, not the projection being trained
+    if checkpoint is not None and not METHODS[recipe.method].checkpoints_reload(recipe.method_block):
+        raise PeftuneError(
             f"{run.path} cannot be resumed: with prefix.prefix_projection=true peft checkpoints the projected "
             "prefixes, not the projection being trained; pass --overwrite to start again"
         )

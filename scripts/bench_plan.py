@@ -129,7 +129,6 @@ def main() -> int:
     # with --reuse.
     kept: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in json.loads(data.read_text()) if data.exists() else []:
-        r.setdefault("device", "cpu")
         if r["device"] != device or args.reuse:
             kept[(r["device"], r["model"], r["shape"], r["method"])] = r
 
@@ -189,6 +188,8 @@ def main() -> int:
 
 def table(device: str, rows: list[dict[str, Any]]) -> list[str]:
     """One device's section of the report: how the estimate compares, then a row per model, shape and method."""
+    from peftune.plan import ALLOWANCE_MB, ALLOWANCE_SHARE
+
     ratios = [r["ratio"] for r in rows]
     within = sum(0.8 <= r <= 1.2 for r in ratios)
     covered = sum(r["total"] >= r["measured"] for r in rows)
@@ -210,7 +211,8 @@ def table(device: str, rows: list[dict[str, Any]]) -> list[str]:
         f"Measured with {how}",
         "",
         f"Estimate within 20% of measured: {within} of {len(rows)} rows "
-        f"(estimate / measured from {min(ratios):.2f} to {max(ratios):.2f}). With its allowance (512 MB and 10%), "
+        f"(estimate / measured from {min(ratios):.2f} to {max(ratios):.2f}). With its allowance "
+        f"({ALLOWANCE_MB} MB and {ALLOWANCE_SHARE:.0%}), "
         f"the estimate `peftune plan` prints is at or above the measured peak in {covered} of {len(rows)} rows.",
         "",
         "| model | batch x length | method | weights (MB) | saved activations (MB) | estimate (MB) "
