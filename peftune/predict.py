@@ -33,7 +33,7 @@ def batched_logits(
     from tqdm.auto import tqdm
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    max_length = loaded.recipe.data.max_length if loaded.recipe else _model_max_length(tokenizer)
+    max_length = input_length(loaded)
     encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
@@ -159,6 +159,9 @@ def _text(value: Any, column: str, row: int) -> str:
     return value
 
 
-def _model_max_length(tokenizer: Any) -> int:
-    length = getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
+def input_length(loaded: LoadedModel) -> int:
+    """The tokens a text is cut to: the run's `data.max_length`, else what the tokenizer says the model takes."""
+    if loaded.recipe is not None:
+        return loaded.recipe.data.max_length
+    length = getattr(loaded.tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
     return length if isinstance(length, int) and 0 < length <= 8192 else DEFAULT_MAX_LENGTH

@@ -121,7 +121,8 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(runs, tmp_path, kind):
     import onnxruntime
 
     folder, record = export_model(runs[kind], "onnx", output=tmp_path / "onnx")
-    assert record["check"]["max_abs_logit_difference"] < 1e-4
+    # Float32 on the same inputs: far inside the tolerance (texts longer than max_length are cut for both sides).
+    assert record["check"]["max_abs_logit_difference"] < 1e-5
     assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert (folder / "tokenizer_config.json").is_file() and (folder / "labels.json").is_file()
 
