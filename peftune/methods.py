@@ -8,7 +8,6 @@ this module is cheap; peft and transformers are imported only when a config is b
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ class Method:
     defaults: dict[str, Any]
     peft_config_class: str | None = None  # None: the whole model is trained, no adapter
     virtual_tokens: bool = False  # prompt learning: trained vectors prepended to the input or the cache
-    needs_past_key_values: bool = False  # prefix tuning writes its vectors into the attention cache
+    attention_prefix: bool = False  # prefix tuning: its vectors go into every attention layer (peftune.prefix)
     mergeable: bool = False  # folds into the base weights (merge), which prompt learning cannot
 
     @property
@@ -58,13 +57,10 @@ class Method:
 
     def check_architecture(self, config: PretrainedConfig) -> None:
         """Refuse, in one line, an architecture this method cannot work with."""
-        if self.needs_past_key_values and not accepts_past_key_values(config):
-            from transformers import __version__
+        if self.attention_prefix:
+            from peftune import prefix
 
-            raise PeftuneError(
-                f"{self.name} tuning needs a model that accepts past_key_values, and {config.model_type} does "
-                f"not in transformers {__version__}; use method=lora (or prompt), or a BERT or RoBERTa base"
-            )
+            prefix.check_supported(config)
 
     def peft_config(
         self, block: dict[str, Any], *, model: PreTrainedModel | None = None, modules_to_save: Sequence[str] = ()
@@ -100,7 +96,10 @@ class Method:
             options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[config.model_type]
         elif self.virtual_tokens:
             # peft looks these up under the BERT-style names; configs alias them (DistilBERT: dim, n_layers).
-            options.setdefault("token_dim", config.hidden_size)
+            # Prefixes are attention keys and values; soft prompts are word embeddings, which can be narrower
+            # than the hidden size (ELECTRA's small models).
+            width = config.hidden_size if self.attention_prefix else model.get_input_embeddings().embedding_dim
+            options.setdefault("token_dim", width)
             options.setdefault("num_layers", config.num_hidden_layers)
             options.setdefault("num_attention_heads", config.num_attention_heads)
         return options
@@ -135,7 +134,7 @@ METHODS: dict[str, Method] = {
             defaults={"learning_rate": 1.0e-2, "num_virtual_tokens": 20, "prefix_projection": False},
             peft_config_class="PrefixTuningConfig",
             virtual_tokens=True,
-            needs_past_key_values=True,
+            attention_prefix=True,
         ),
         Method(
             name="prompt",
@@ -180,15 +179,3 @@ def linear_layers(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return any(name == e or name.startswith(e + ".") for e in exclude)
 
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not excluded(n))
-
-
-def accepts_past_key_values(config: PretrainedConfig) -> bool:
-    """Whether the architecture's classifier (or its backbone) takes past_key_values, as peft checks."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
-
-    classes: list[Any] = []
-    for mapping in (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING):
-        if type(config) in mapping:
-            found = mapping[type(config)]
-            classes.extend(found if isinstance(found, tuple) else [found])
-    return any("past_key_values" in inspect.signature(cls.forward).parameters for cls in classes if cls)

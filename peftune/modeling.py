@@ -72,13 +72,24 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
             f"model type {config.model_type!r} has no sequence classification head in transformers; "
             "choose an encoder such as BERT, RoBERTa, DeBERTa or DistilBERT"
         )
-    METHODS[recipe.method].check_architecture(config)
-    if METHODS[recipe.method].needs_past_key_values and recipe.train.get("gradient_checkpointing"):
+    method = METHODS[recipe.method]
+    method.check_architecture(config)
+    reentrant = (recipe.train.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
+    if method.attention_prefix and recipe.train.get("gradient_checkpointing") and reentrant:
         raise PeftuneError(
-            f"{recipe.method} tuning does not work with gradient checkpointing (the recomputed layers lose the "
-            "prefix); set train.gradient_checkpointing=false, or use method=lora"
+            f"{recipe.method} tuning with gradient checkpointing needs non-reentrant checkpointing (the reentrant kind "
+            "runs the shared prefixes backward twice); drop train.gradient_checkpointing_kwargs.use_reentrant"
         )
     limit = max_positions(config)
+    if limit is not None and method.attention_prefix:
+        # The text's positions follow the prefix's, as under peft's cache (peftune.prefix).
+        virtual = int(recipe.method_block["num_virtual_tokens"])
+        if recipe.data.max_length + virtual > limit:
+            raise PeftuneError(
+                f"data.max_length {recipe.data.max_length} and the {virtual} virtual tokens of prefix tuning are more "
+                f"positions than {config.model_type} models have ({limit}); set data.max_length to {limit - virtual} "
+                "or less (or lower prefix.num_virtual_tokens)"
+            )
     if limit is not None and recipe.data.max_length > limit:
         raise PeftuneError(
             f"data.max_length {recipe.data.max_length} is more than {config.model_type} models take ({limit} tokens); "
@@ -232,9 +243,20 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
         )
     config = method.peft_config(recipe.method_block, model=model, modules_to_save=head_modules(model, fresh))
     try:
-        return get_peft_model(model, config)
+        return _with_attention_prefix(get_peft_model(model, config))
     except (ValueError, TypeError) as err:
         raise PeftuneError(f"cannot apply {recipe.method} to this model: {first_line(err)}") from None
+
+
+def _with_attention_prefix(model: PeftModel) -> PeftModel:
+    """A prefix-tuning model feeds its prefixes into attention itself (peftune.prefix); other methods as they are."""
+    from peft.utils import PeftType
+
+    if model.active_peft_config.peft_type != PeftType.PREFIX_TUNING:
+        return model
+    from peftune import prefix
+
+    return prefix.install(model)
 
 
 def head_modules(model: nn.Module, fresh: list[str]) -> list[str]:
@@ -257,7 +279,7 @@ def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
         from peft import PeftModel
 
         base, _ = load_base_model(recipe.model, labels)
-        model = PeftModel.from_pretrained(base, str(weights))
+        model = _with_attention_prefix(PeftModel.from_pretrained(base, str(weights)))
     model.eval()
     return model, tokenizer, labels
 

@@ -187,12 +187,7 @@ def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]
     planned = estimate(recipe)
     effective = planned.batch_size * int(recipe.train.get("gradient_accumulation_steps", 1))
     choice: dict[str, Any] = {"budget_mb": round(budget / MB), "effective_batch": effective}
-    if recipe.train.get("gradient_checkpointing"):
-        options: tuple[bool, ...] = (True,)
-    elif METHODS[recipe.method].needs_past_key_values:  # prefix tuning cannot use it (modeling.check_model)
-        options = (False,)
-    else:
-        options = (False, True)
+    options = (True,) if recipe.train.get("gradient_checkpointing") else (False, True)
     sizes = [b for b in range(planned.batch_size, 0, -1) if effective % b == 0]  # divisors: effective batch kept
     for checkpointing in options:
         fitting = [b for b in sizes if planned.total(checkpointing, b, effective // b) <= budget]

@@ -193,6 +193,12 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
 Or with peftune, which reads the labels from the repository: `peftune predict {repo_id} --text "..."`."""
+        if METHODS[recipe.method].attention_prefix:
+            usage += (
+                "\n\nStock peft runs prefix tuning through the model's `past_key_values`, which BERT, RoBERTa and "
+                "ELECTRA take up to transformers 5.23 only (DistilBERT and DeBERTa never did); peftune puts the "
+                "prefixes into attention itself and runs this adapter on any transformers 5 release."
+            )
     else:
         usage = f"""```python
 from transformers import pipeline

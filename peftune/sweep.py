@@ -65,8 +65,8 @@ def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list
     """The runs a sweep makes: the product of the grids, less the settings that do not apply to a run.
 
     A key of another method's block (`lora.r` in a `prefix` run) is dropped from that run, so the product
-    does not train the same run twice; a combination the model cannot do (prefix tuning without
-    `past_key_values`, full fine-tuning of 8-bit weights) is listed as skipped, with the reason.
+    does not train the same run twice; a combination the model cannot do (prefix tuning on an architecture
+    it does not reach, full fine-tuning of 8-bit weights) is listed as skipped, with the reason.
     """
     axes = [parse_grid(item) for item in grids]
     if not axes:

@@ -23,7 +23,6 @@ class World:
 
     root: Path
     recipe: str  # a tiny LoRA recipe over local review files
-    distilbert_recipe: str
     runs: dict[str, Path]
 
     def file(self, name: str) -> str:
@@ -34,9 +33,10 @@ class World:
 def world(tmp_path_factory, tiny_models, reviews, runs) -> World:
     root = tmp_path_factory.mktemp("bad-input")
     recipe = tiny.write_recipe(root / "tiny.yaml", tiny_models("bert"), *reviews)
-    distilbert = tiny.write_recipe(root / "tiny-distilbert.yaml", tiny_models("distilbert"), *reviews)
     (root / "vit").mkdir()
     (root / "vit" / "config.json").write_text('{"model_type": "vit", "image_size": 32}')
+    (root / "albert").mkdir()  # a text classifier whose attention prefix tuning does not reach
+    (root / "albert" / "config.json").write_text('{"model_type": "albert", "hidden_size": 32}')
     (root / "incomplete").mkdir()
     shutil.copy(runs["lora"] / "recipe.yaml", root / "incomplete" / "recipe.yaml")
     (root / "empty-folder").mkdir()
@@ -48,7 +48,7 @@ def world(tmp_path_factory, tiny_models, reviews, runs) -> World:
     (root / "broken.yaml").write_text("model: [a, b\n")
     (root / "dup.yaml").write_text("seed: 1\nseed: 2\n")
     (root / "list.yaml").write_text("- a\n- b\n")
-    return World(root, str(recipe), str(distilbert), runs)
+    return World(root, str(recipe), runs)
 
 
 def train(world: World, *args: str) -> list[str]:
@@ -104,13 +104,22 @@ CASES: dict[str, Case] = {
         lambda w: train(w, f"model.name_or_path={w.root}/vit"),
         "no sequence classification head",
     ),
-    "prefix without past_key_values": (
-        lambda w: ["train", w.distilbert_recipe, "method=prefix", "--output-dir", str(w.root / "out")],
-        "past_key_values",
+    "prefix on an architecture it does not support": (
+        lambda w: train(w, "method=prefix", f"model.name_or_path={w.root}/albert"),
+        "prefix tuning supports bert, roberta",
     ),
-    "prefix with gradient checkpointing": (
-        lambda w: train(w, "method=prefix", "train.gradient_checkpointing=true"),
-        "does not work with gradient checkpointing",
+    "prefix with reentrant gradient checkpointing": (
+        lambda w: train(
+            w,
+            "method=prefix",
+            "train.gradient_checkpointing=true",
+            "train.gradient_checkpointing_kwargs={use_reentrant: true}",
+        ),
+        "needs non-reentrant checkpointing",
+    ),
+    "prefix and text longer than the model's positions": (
+        lambda w: train(w, "method=prefix", "data.max_length=500"),
+        "set data.max_length to 492 or less",
     ),
     "8-bit without bitsandbytes": (
         lambda w: train(w, "model.load_in_8bit=true"),

