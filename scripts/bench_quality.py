@@ -165,9 +165,39 @@ def target_lines(rows: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def carried_over(rows: dict[str, dict[str, dict]], previous: Path) -> list[str]:
+    """Fill in, from the report's earlier JSON, the rows whose run folders are not here; return their names.
+
+    A benchmark re-run for one method (after a change to it) keeps the other methods' measured rows.
+    """
+    if not previous.is_file():
+        return []
+    carried = []
+    for task, methods in json.loads(previous.read_text(encoding="utf-8")).items():
+        for method, metrics in methods.items():
+            if task in TASKS and method in METHODS and method not in rows.get(task, {}):
+                rows.setdefault(task, {})[method] = metrics
+                carried.append(f"{task} {method} ({metrics['finished_at'][:10]})")
+    for task, methods in rows.items():  # the report's order, whichever rows came from where
+        rows[task] = {m: methods[m] for m in METHODS if m in methods}
+    return carried
+
+
+def versions_line(rows: dict[str, dict[str, dict]]) -> str:
+    """The library versions of the runs; where rows differ, which rows ran on which."""
+    groups: dict[str, list[str]] = {}
+    for task, methods in rows.items():
+        for method, metrics in methods.items():
+            text = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
+            groups.setdefault(text, []).append(f"{task} {method}")
+    if len(groups) <= 1:
+        return "Versions: " + (next(iter(groups)) if groups else ", ".join(library_versions().values())) + "."
+    return "Versions: " + "; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items()) + "."
+
+
 def write_report(runs: Path, report: Path) -> None:
     rows = load_rows(runs)
-    versions = next((m["versions"] for task in rows.values() for m in task.values()), library_versions())
+    carried = carried_over(rows, report.with_suffix(".json"))
     devices = sorted({m["device"] for task in rows.values() for m in task.values()})
     lines = [
         "# Quality benchmark: adapters against full fine-tuning on GLUE",
@@ -186,8 +216,17 @@ def write_report(runs: Path, report: Path) -> None:
         "1,043 CoLA sentences, 872 SST-2 sentences) are within seed noise.",
         "",
         f"Devices: {', '.join(devices) or 'none yet'}; peak memory is the process's peak resident memory on CPU. "
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        + versions_line(rows),
         "",
+        *(
+            [
+                "Carried over from the previous report, measured by an earlier session (finished on the dates "
+                "given; their run folders are not on this machine): " + ", ".join(carried) + ".",
+                "",
+            ]
+            if carried
+            else []
+        ),
         "## Targets (the LoRA paper's finding, on our runs)",
         "",
         *target_lines(rows),
