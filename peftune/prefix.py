@@ -62,6 +62,8 @@ def install(model: PeftModel) -> PeftModel:
             f"{base.config.num_hidden_layers}; prefix tuning cannot be applied to it, use method=lora"
         )
     family = FAMILIES[base.config.model_type]
+    if family == "deberta" and not all(hasattr(m, name) for m in attentions for name in DEBERTA_PARTS):
+        raise _unreachable(base.config)
     for index, module in enumerate(attentions):
         setattr(module, LAYER, index)
         setattr(module, STATES, None)
@@ -71,9 +73,25 @@ def install(model: PeftModel) -> PeftModel:
     if family == "interface":
         _register_attention()
         base.set_attn_implementation(ATTENTION)
+        if base.config._attn_implementation != ATTENTION:
+            raise _unreachable(base.config)
     peft_class: Any = type(model)
     model.__class__ = _prefix_model(peft_class)
     return model
+
+
+# What the DeBERTa subclass uses of transformers' DisentangledSelfAttention.
+DEBERTA_PARTS = ("query_proj", "key_proj", "value_proj", "num_attention_heads", "pos_att_type", "relative_attention",
+                 "disentangled_attention_bias", "dropout")  # fmt: skip
+
+
+def _unreachable(config: PretrainedConfig) -> PeftuneError:
+    from transformers import __version__
+
+    return PeftuneError(
+        f"prefix tuning cannot reach the attention of {config.model_type} models in transformers {__version__}; "
+        "install a transformers release listed under 'Supported versions' in peftune's README, or use method=lora"
+    )
 
 
 def self_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

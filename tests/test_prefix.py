@@ -167,6 +167,23 @@ def test_a_trained_prefix_exports_to_onnx(prefix_runs, tmp_path, arch):
     assert np.abs(got - logits.numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["bert", "deberta-v3"])
+def test_a_transformers_release_whose_attention_cannot_be_reached_is_named(tiny_models, monkeypatch, arch):
+    """A future transformers that drops what the prefix relies on gets one line naming the version."""
+    from peft import get_peft_model
+    from transformers import PreTrainedModel
+
+    from peftune.errors import PeftuneError
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", lambda self, name: None)
+    monkeypatch.setattr(prefix, "DEBERTA_PARTS", (*prefix.DEBERTA_PARTS, "a_part_of_tomorrow_s_release"))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models(arch), num_labels=2)
+    method = METHODS["prefix"]
+    model = get_peft_model(base, method.peft_config(method.defaults, model=base))
+    with pytest.raises(PeftuneError, match=r"cannot reach the attention of \S+ models in transformers 5\.\d+"):
+        prefix.install(model)
+
+
 def _stock_peft_runs_prefix_tuning() -> bool:
     from transformers import BertModel
 
