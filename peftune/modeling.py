@@ -74,22 +74,11 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
         )
     method = METHODS[recipe.method]
     method.check_architecture(config)
-    reentrant = (recipe.train.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
-    if method.attention_prefix and recipe.train.get("gradient_checkpointing") and reentrant:
-        raise PeftuneError(
-            f"{recipe.method} tuning with gradient checkpointing needs non-reentrant checkpointing (the reentrant kind "
-            "runs the shared prefixes backward twice); drop train.gradient_checkpointing_kwargs.use_reentrant"
-        )
+    if method.attention_prefix:
+        from peftune import prefix
+
+        prefix.check_recipe(recipe, config)
     limit = max_positions(config)
-    if limit is not None and method.attention_prefix:
-        # The text's positions follow the prefix's, as under peft's cache (peftune.prefix).
-        virtual = int(recipe.method_block["num_virtual_tokens"])
-        if recipe.data.max_length + virtual > limit:
-            raise PeftuneError(
-                f"data.max_length {recipe.data.max_length} and the {virtual} virtual tokens of prefix tuning are more "
-                f"positions than {config.model_type} models have ({limit}); set data.max_length to {limit - virtual} "
-                "or less (or lower prefix.num_virtual_tokens)"
-            )
     if limit is not None and recipe.data.max_length > limit:
         raise PeftuneError(
             f"data.max_length {recipe.data.max_length} is more than {config.model_type} models take ({limit} tokens); "

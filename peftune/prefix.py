@@ -3,8 +3,8 @@
 peft trains the prefixes (its prompt encoder, saved in its own format) and hands them to the model as
 `past_key_values`, a cache argument that encoders dropped in transformers 5.24 (renamed `cache`) and that
 DistilBERT and DeBERTa-v2 never had. Here the same prefixes go straight into every self-attention layer:
-prepended to its keys and values, the attention mask widened to match. BERT, RoBERTa and ELECTRA (and
-DistilBERT) compute attention through transformers' attention interface, so one registered attention function
+prepended to its keys and values, the attention mask widened to match. BERT, RoBERTa, XLM-RoBERTa, ELECTRA and
+DistilBERT compute attention through transformers' attention interface, so one registered attention function
 does it for all of them; DeBERTa-v2's disentangled attention has its own small subclass.
 
 The text keeps the positions it has under peft's cache (it starts after the `num_virtual_tokens` prefix
@@ -18,12 +18,14 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from peftune.errors import PeftuneError
-from peftune.modeling import PADDING_OFFSET_POSITIONS
+from peftune.modeling import PADDING_OFFSET_POSITIONS, max_positions
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
     from transformers import PretrainedConfig
+
+    from peftune.recipe import Recipe
 
 ATTENTION = "peftune_prefix"  # the attention implementation registered with transformers
 LAYER = "peftune_prefix_layer"  # attribute of each self-attention module: its layer's index
@@ -45,6 +47,24 @@ def check_supported(config: PretrainedConfig) -> None:
     if config.model_type not in FAMILIES:
         raise PeftuneError(
             f"prefix tuning supports {', '.join(FAMILIES)} models, not {config.model_type}; use method=lora (or prompt)"
+        )
+
+
+def check_recipe(recipe: Recipe, config: PretrainedConfig) -> None:
+    """Refuse, in one line, prefix settings that cannot work with this model."""
+    train = recipe.train
+    if train.get("gradient_checkpointing") and (train.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant"):
+        raise PeftuneError(
+            "prefix tuning with gradient checkpointing needs non-reentrant checkpointing (the reentrant kind runs "
+            "the shared prefixes backward twice); drop train.gradient_checkpointing_kwargs.use_reentrant"
+        )
+    limit = max_positions(config)
+    virtual = int(recipe.method_block["num_virtual_tokens"])
+    if limit is not None and recipe.data.max_length + virtual > limit:  # the text's positions follow the prefix's
+        raise PeftuneError(
+            f"data.max_length {recipe.data.max_length} and the {virtual} virtual tokens of prefix tuning are more "
+            f"positions than {config.model_type} models have ({limit}); set data.max_length to {limit - virtual} "
+            "or less (or lower prefix.num_virtual_tokens)"
         )
 
 
