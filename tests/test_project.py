@@ -21,6 +21,36 @@ def test_readme_opens_with_the_quickstart_and_the_test_command():
     assert tests.endswith("python -m pytest") and '".[test]"' in tests
 
 
+def locked() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    pins = [line.split("==") for line in lines if "==" in line and not line.startswith("#")]
+    return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def test_both_readme_commands_install_the_locked_versions_in_the_declared_ranges():
+    from packaging.requirements import Requirement
+
+    for command in readme_commands()[:2]:
+        assert "pip install -c constraints.txt -e" in command
+    pins = locked()
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    for line in declared:
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in the lock"
+        assert requirement.specifier.contains(pins[name]), f"the lock's {name} {pins[name]} is outside {line}"
+
+
+def test_the_readme_states_the_locked_versions():
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Supported versions", 1)[1].split("\n## ")[0]
+    section = " ".join(section.split())
+    pins = locked()
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        assert f"{name} {pins[name]}" in section, f"the README's supported versions do not give {name} {pins[name]}"
+
+
 def test_ci_runs_the_readme_test_command_and_the_quickstart():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert readme_commands()[1] in ci.splitlines()
