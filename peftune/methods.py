@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.errors import PeftuneError
-
 if TYPE_CHECKING:
     from peft import PeftConfig
     from torch import nn
@@ -41,6 +39,7 @@ class Method:
     virtual_tokens: bool = False  # prompt learning: trained vectors prepended to the input or the cache
     attention_prefix: bool = False  # prefix tuning: its vectors go into every attention layer (peftune.prefix)
     mergeable: bool = False  # folds into the base weights (merge), which prompt learning cannot
+    own_keys: tuple[str, ...] = OWN_KEYS  # keys of its block that peftune reads itself (not passed to peft)
 
     @property
     def is_adapter(self) -> bool:
@@ -73,13 +72,30 @@ class Method:
 
         if self.peft_config_class is None:
             raise ValueError(f"method {self.name!r} has no peft config")
-        options = {k: v for k, v in block.items() if k not in OWN_KEYS}
+        options = {k: v for k, v in block.items() if k not in self.own_keys}
         if model is not None:
             options = self._architecture_defaults(options, model, modules_to_save)
         if modules_to_save:
             options["modules_to_save"] = sorted({*(options.get("modules_to_save") or []), *modules_to_save})
         config_class = getattr(peft, self.peft_config_class)
         return config_class(task_type=peft.TaskType.SEQ_CLS, **options)
+
+    def optimizer(self, model: nn.Module, block: dict[str, Any], lr: float, weight_decay: float) -> Any:
+        """The optimizer this block asks for, or None for Trainer's own (AdamW at the learning rate `lr`).
+
+        `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024): the B matrices, which start at zero, learn that many
+        times faster than the A matrices; peft's `create_loraplus_optimizer` builds the parameter groups.
+        """
+        ratio = block.get("loraplus_lr_ratio")
+        if ratio is None:
+            return None
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=weight_decay,
+        )  # fmt: skip
 
     def _architecture_defaults(
         self, options: dict[str, Any], model: PreTrainedModel, fresh: Sequence[str]
@@ -89,9 +105,10 @@ class Method:
         if self.name == "lora":
             targets = options.get("target_modules")
             if targets is None:
-                options["target_modules"] = lora_default_targets(config.model_type)
-            elif isinstance(targets, str) and targets.lower() == "all-linear":
-                options["target_modules"] = linear_layers(model, exclude=fresh)
+                targets = lora_default_targets(config.model_type) or "all-linear"
+            if isinstance(targets, str) and targets.lower() == "all-linear":
+                targets = linear_layers(model, exclude=fresh)
+            options["target_modules"] = targets
         elif self.name == "ia3" and options.get("target_modules") is None and config.model_type in IA3_TARGETS:
             options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[config.model_type]
         elif self.virtual_tokens:
@@ -117,16 +134,20 @@ METHODS: dict[str, Method] = {
             name="lora",
             summary="low-rank adapters on the linear layers (peft LoraConfig)",
             defaults={
-                # Measured on SST-2 with MiniLM (one epoch, 8,000 sentences): r=8 on every linear layer at
-                # 2e-3 matched full fine-tuning on three seeds; r=16 at 3e-3 diverged.
+                # The LoRA paper's setting: the attention's query and value projections (target_modules null:
+                # per architecture, lora_default_targets), no dropout, so that peft takes its dropout-free path
+                # and keeps no copy of each adapted layer's input. Against every linear layer with dropout 0.1
+                # (the previous default) it trains faster, needs less memory, and learned on every SST-2 size
+                # and seed measured in reports/quality.md, where the previous default once stayed at chance.
                 "learning_rate": 2.0e-3,
                 "r": 8,
                 "lora_alpha": 16,
-                "lora_dropout": 0.1,
-                "target_modules": "all-linear",
+                "lora_dropout": 0.0,
+                "target_modules": None,
             },
             peft_config_class="LoraConfig",
             mergeable=True,
+            own_keys=(*OWN_KEYS, "loraplus_lr_ratio"),
         ),
         Method(
             name="prefix",
@@ -154,17 +175,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def lora_default_targets(model_type: str) -> list[str]:
-    """The attention projections LoRA adapts by default for an architecture (the LoRA paper's choice)."""
+def lora_default_targets(model_type: str) -> list[str] | None:
+    """The attention projections LoRA adapts by default (the LoRA paper's query and value), None when unknown."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     targets = LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
-    if targets is None:
-        raise PeftuneError(
-            f"LoRA has no default target modules for model type {model_type!r}; "
-            "set lora.target_modules (a list of module names, or all-linear)"
-        )
-    return list(targets)
+    return list(targets) if targets else None
 
 
 def linear_layers(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:

@@ -166,7 +166,10 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
     if spec.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
+        # The head and the pooler it reads are trained in full (head_modules): loaded as they are, not in int8.
+        # Names match as a module path's start or end: "pooler.dense" is BERT's `bert.pooler.dense`.
+        skip = [*HEAD_NAMES, "pooler", "pooler.dense"]
+        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     path = local_path(spec.name_or_path, "model.name_or_path")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -249,8 +252,19 @@ def _with_attention_prefix(model: PeftModel) -> PeftModel:
 
 
 def head_modules(model: nn.Module, fresh: list[str]) -> list[str]:
-    """Modules trained in full with an adapter: the new ones, and the classification head in any case."""
-    return sorted({*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))})
+    """Modules trained in full with an adapter: the new ones, the classification head, and the pooler it reads.
+
+    BERT-style models pool the first token through a dense layer inside the encoder (`bert.pooler`); other
+    families put that layer in their head (RoBERTa's and ELECTRA's `classifier.dense`, DistilBERT's
+    `pre_classifier`, DeBERTa's `pooler`), which is new and trained in full. Training BERT's in full too makes
+    every family's head the same (as AdapterHub's heads do), and matters where the checkpoint's pooler was never
+    trained: sentence-transformers models such as all-MiniLM-L6-v2 pool by the mean and leave it at its random start.
+    """
+    names = {*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))}
+    base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
+    if getattr(base, "pooler", None) is not None:
+        names.add(f"{model.base_model_prefix}.pooler")
+    return sorted(name for name in names if not any(name.startswith(other + ".") for other in names))
 
 
 def load_run(run: RunDir) -> tuple[Any, Any, Labels]:

@@ -114,8 +114,9 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     prefix = f"{model.base_model_prefix}."
     new_keys = {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
     fresh = modeling.fresh_modules(model, new_keys)
-    linear_weights = _quantized_linear_bytes(model, fresh) if recipe.model.load_in_8bit else None
-    quantized = _quantized_linears(model, fresh) if recipe.model.load_in_8bit else []
+    kept = modeling.head_modules(model, fresh)  # loaded in full precision under 8-bit
+    linear_weights = _quantized_linear_bytes(model, kept) if recipe.model.load_in_8bit else None
+    quantized = _quantized_linears(model, kept) if recipe.model.load_in_8bit else []
     attached = modeling.attach_method(model, _without_8bit(recipe), fresh)
     trainable = sum(p.numel() for p in attached.parameters() if p.requires_grad)
     weights = sum(p.numel() * 4 for p in attached.parameters())
@@ -230,20 +231,20 @@ def _without_8bit(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_8bit": False})})
 
 
-def _quantized_linears(model: Any, fresh: list[str]) -> list[Any]:
-    """The linear layers bitsandbytes quantizes: all but those inside the new modules."""
+def _quantized_linears(model: Any, kept: list[str]) -> list[Any]:
+    """The linear layers bitsandbytes quantizes: all but those inside the modules kept in full precision."""
     from torch import nn
 
     return [
         module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(name == f or name.startswith(f + ".") for f in fresh)
+        if isinstance(module, nn.Linear) and not any(name == k or name.startswith(k + ".") for k in kept)
     ]
 
 
-def _quantized_linear_bytes(model: Any, fresh: list[str]) -> tuple[int, int]:
+def _quantized_linear_bytes(model: Any, kept: list[str]) -> tuple[int, int]:
     """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the new modules')."""
-    linears = _quantized_linears(model, fresh)
+    linears = _quantized_linears(model, kept)
     fp32 = sum(module.weight.numel() * 4 for module in linears)
     int8 = sum(module.weight.numel() + module.out_features * 4 for module in linears)  # and a float32 scale a row
     return fp32, int8

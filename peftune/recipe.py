@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from peftune.errors import PeftuneError, first_line
-from peftune.methods import METHODS, OWN_KEYS
+from peftune.methods import METHODS
 from peftune.metrics import BUILTIN
 
 # The `train` block: TrainingArguments keyword arguments. No learning rate here: it comes from the
@@ -155,6 +155,16 @@ class Recipe(_Strict):
             raise ValueError(
                 "model.load_in_8bit needs an adapter method: 8-bit weights cannot be trained in full; "
                 "use method=lora, or load_in_8bit=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _loraplus_ratio_is_a_ratio(self) -> Recipe:
+        ratio = self.lora.get("loraplus_lr_ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1):
+            raise ValueError(
+                f"lora.loraplus_lr_ratio is the B matrices' learning rate over the A matrices', a number of at "
+                f"least 1 (LoRA+ suggests 16), got {ratio!r}; set it to null for plain LoRA"
             )
         return self
 
@@ -342,10 +352,10 @@ def check_passthrough(recipe: Recipe) -> None:
     for name, method in METHODS.items():
         block = getattr(recipe, name)
         if method.peft_config_class is None:
-            _check_keys(name, block, set(OWN_KEYS), {})
+            _check_keys(name, block, set(method.own_keys), {})
             continue
         config_class = getattr(peft, method.peft_config_class)
-        known = {f.name for f in dataclasses.fields(config_class) if f.init} | set(OWN_KEYS)
+        known = {f.name for f in dataclasses.fields(config_class) if f.init} | set(method.own_keys)
         _check_keys(name, block, known - {"task_type"}, {"task_type": "peftune sets it (sequence classification)"})
         _check_types(name, block, config_class)
         try:

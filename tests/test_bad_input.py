@@ -75,6 +75,8 @@ CASES: dict[str, Case] = {
     "key peftune sets": (lambda w: ["validate", w.recipe, "train.output_dir=x"], "top-level output_dir"),
     "bad Trainer value": (lambda w: ["validate", w.recipe, "train.lr_scheduler_type=wavy"], "SchedulerType"),
     "unknown LoRA argument": (lambda w: ["validate", w.recipe, "lora.rank=4"], "rank"),
+    "LoRA+ ratio below one": (lambda w: ["validate", w.recipe, "lora.loraplus_lr_ratio=0.5"], "at least 1"),
+    "LoRA+ ratio in another block": (lambda w: ["validate", w.recipe, "ia3.loraplus_lr_ratio=16"], "loraplus"),
     "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.load_in_8bit=true"), "8-bit"),
     "projected prefixes with the best checkpoint kept": (
         lambda w: train(

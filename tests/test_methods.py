@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import tiny
-from trained import reloaded_logits, train_tiny
+from trained import Recorder, reloaded_logits, train_tiny
 
 from peftune.errors import PeftuneError
 from peftune.modeling import check_model, load_config, load_run
@@ -66,7 +66,7 @@ def test_new_modules_are_trained_and_saved(tmp_path, tiny_models, reviews):
 def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_models, reviews):
     from peft import PeftModel
 
-    run, _ = train_tiny(tmp_path, tiny_models("roberta"), reviews)
+    run, _ = train_tiny(tmp_path, tiny_models("roberta"), reviews, "lora.target_modules=all-linear")
     model, _, _ = load_run(run)
     assert isinstance(model, PeftModel)
     lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
@@ -78,8 +78,8 @@ def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_model
     ("arch", "expected"),
     [("bert", {"query", "value"}), ("distilbert", {"q_lin", "v_lin"}), ("deberta-v2", {"query_proj", "value_proj"})],
 )
-def test_lora_targets_default_per_architecture_when_null(tmp_path, tiny_models, reviews, arch, expected):
-    run, _ = train_tiny(tmp_path, tiny_models(arch), reviews, "lora.target_modules=null")
+def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, arch, expected):
+    run, _ = train_tiny(tmp_path, tiny_models(arch), reviews)  # the default block: target_modules null
     assert set(json.loads((run.adapter_dir / "adapter_config.json").read_text())["target_modules"]) == expected
 
 
@@ -112,3 +112,27 @@ def test_a_model_without_a_classification_head_is_refused(tmp_path, reviews):
     recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", folder, *reviews)))
     with pytest.raises(PeftuneError, match="has no sequence classification head"):
         check_model(recipe, load_config(recipe.model))
+
+
+def test_loraplus_trains_the_b_matrices_faster_and_reloads(tmp_path, tiny_bert, reviews):
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from peftune.train import train
+
+    class Groups(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.lrs = {
+                names[id(p)]: g["initial_lr"] for g in optimizer.param_groups for p in g["params"]
+            }  # before warmup
+
+    groups, recorder = Groups(), Recorder(AutoTokenizer.from_pretrained(tiny_bert))
+    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", tiny_bert, *reviews)
+    overrides = ("data.max_train_samples=24", "train.eval_strategy=no", "train.save_strategy=no",
+                 "lora.loraplus_lr_ratio=16", "lora.learning_rate=1e-3")  # fmt: skip
+    run = train(load_recipe(str(recipe_file), overrides), output_dir=tmp_path / "run", callbacks=[groups, recorder])
+    b = sorted({lr for name, lr in groups.lrs.items() if ".lora_B." in name})
+    a = sorted({lr for name, lr in groups.lrs.items() if ".lora_A." in name})
+    assert a == [pytest.approx(1e-3)] and b == [pytest.approx(16e-3)]
+    assert "loraplus_lr_ratio" not in json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import tiny
@@ -34,24 +35,25 @@ def test_weights_and_trainable_parameters_match_what_training_loaded(runs, kind)
     assert planned.trainable == metrics["trainable_parameters"]
     assert planned.gradients == 4 * planned.trainable and planned.optimizer == 8 * planned.trainable
     tolerance = 0.02 if kind == "lora8" else 0.001
-    assert planned.weights / MB == pytest.approx(metrics["model_memory_mb"], rel=tolerance)
+    # metrics.json rounds to 0.01 MB
+    assert planned.weights / MB == pytest.approx(metrics["model_memory_mb"], rel=tolerance, abs=0.005)
 
 
 def test_eight_bit_weights_by_hand(tiny_bert, reviews, tmp_path):
-    """Tiny BERT (hidden 32, intermediate 37, two layers): the linear layers outside the new head go to int8."""
+    """Tiny BERT (hidden 32, intermediate 37, two layers): the linear layers outside the head and pooler go to int8."""
     recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
     fp32 = estimate(load_recipe(recipe))
     int8 = estimate(load_recipe(recipe, ["model.load_in_8bit=true"]))
     per_layer = 4 * 32 * 32 + 2 * 32 * 37  # query, key, value, attention output; intermediate and output
     rows_per_layer = 4 * 32 + 37 + 32
-    weights, rows = 2 * per_layer + 32 * 32, 2 * rows_per_layer + 32  # two layers and the pooler
+    weights, rows = 2 * per_layer, 2 * rows_per_layer  # two layers; the pooler is trained in full with the head
     assert fp32.weights - int8.weights == weights * 4 - (weights + rows * 4)
     assert int8.trainable == fp32.trainable
     # bitsandbytes keeps each int8 layer's input for its backward pass, outside autograd's saved tensors. The ones
     # nothing else saves (LoRA's dropout hands its adapter a copy): per layer, the hidden state into query, key and
-    # value (one tensor), the attention context, the attention block's output and the GELU output (37 wide); and
-    # the [CLS] vector into the pooler. Batch 8 x 32 tokens, float32.
-    kept = 2 * 8 * 32 * (32 + 32 + 32 + 37) * 4 + 8 * 32 * 4
+    # value (one tensor), the attention context, the attention block's output and the GELU output (37 wide).
+    # Batch 8 x 32 tokens, float32.
+    kept = 2 * 8 * 32 * (32 + 32 + 32 + 37) * 4
     assert int8.activations - fp32.activations == kept
 
 
@@ -158,7 +160,7 @@ def test_fit_keeps_the_effective_batch_and_records_its_choice(tiny_bert, reviews
     assert choice["gradient_checkpointing"] is True
 
     # Through training: the run trains with the choice, records it, and its effective batch is the recipe's.
-    tight = f"{planned.total(batch_size=4, accumulation=2) / MB:.3f}MB"
+    tight = f"{math.ceil(planned.total(batch_size=4, accumulation=2) / MB * 1000) / 1000:.3f}MB"  # not rounded down
     result = CliRunner().invoke(
         main, ["--quiet", "train", recipe_file, "--fit", tight, "--output-dir", str(tmp_path / "run")]
     )

@@ -74,6 +74,10 @@ def test_lora_run_folder_reloads_to_the_same_model(tmp_path, tiny_bert, reviews)
     assert metrics["overrides"] == ["train.num_train_epochs=2", "seed=3"]
     assert {"torch", "transformers", "peft", "python"} <= set(metrics["versions"])
     assert metrics["peak_memory_mb"] > 0 and metrics["train_runtime_s"] > 0
+    # Throughput counts the training steps: the two evaluations during training are left out of it.
+    stepping = metrics["train_runtime_s"] - metrics["eval_during_training_s"]
+    assert 0 < metrics["eval_during_training_s"] < metrics["train_runtime_s"]
+    assert metrics["train_samples_per_second"] == pytest.approx(64 * 2 / stepping, rel=0.01)
     assert metrics["fresh_modules"] == ["classifier"]
 
     # The adapter folder loads with stock peft, no arguments, and is the model that was evaluated.
