@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from peft import PeftConfig
+    from peft import PeftConfig, PeftModel
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -93,7 +93,7 @@ class Method:
         from peft.optimizers import create_loraplus_optimizer
 
         return create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+            cast("PeftModel", model), torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
             loraplus_weight_decay=weight_decay,
         )  # fmt: skip
 

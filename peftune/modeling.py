@@ -261,9 +261,9 @@ def head_modules(model: nn.Module, fresh: list[str]) -> list[str]:
     trained: sentence-transformers models such as all-MiniLM-L6-v2 pool by the mean and leave it at its random start.
     """
     names = {*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))}
-    base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
-    if getattr(base, "pooler", None) is not None:
-        names.add(f"{model.base_model_prefix}.pooler")
+    prefix = str(getattr(model, "base_model_prefix", ""))
+    if prefix and getattr(getattr(model, prefix, None), "pooler", None) is not None:
+        names.add(f"{prefix}.pooler")
     return sorted(name for name in names if not any(name.startswith(other + ".") for other in names))
 
 
