@@ -40,6 +40,7 @@ class Method:
     attention_prefix: bool = False  # prefix tuning: its vectors go into every attention layer (peftune.prefix)
     mergeable: bool = False  # folds into the base weights (merge), which prompt learning cannot
     own_keys: tuple[str, ...] = OWN_KEYS  # keys of its block that peftune reads itself (not passed to peft)
+    trains_pooler: bool = False  # BERT's pooler is trained in full with the head (modeling.head_modules)
 
     @property
     def is_adapter(self) -> bool:
@@ -148,6 +149,7 @@ METHODS: dict[str, Method] = {
             peft_config_class="LoraConfig",
             mergeable=True,
             own_keys=(*OWN_KEYS, "loraplus_lr_ratio"),
+            trains_pooler=True,
         ),
         Method(
             name="prefix",

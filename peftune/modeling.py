@@ -166,7 +166,7 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
     if spec.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
-        # The head and the pooler it reads are trained in full (head_modules): loaded as they are, not in int8.
+        # The head and the pooler it reads may be trained in full (head_modules): loaded as they are, not in int8.
         # Names match as a module path's start or end: "pooler.dense" is BERT's `bert.pooler.dense`.
         skip = [*HEAD_NAMES, "pooler", "pooler.dense"]
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -233,7 +233,8 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
             use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing")),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    config = method.peft_config(recipe.method_block, model=model, modules_to_save=head_modules(model, fresh))
+    trained = head_modules(model, fresh, pooler=method.trains_pooler)
+    config = method.peft_config(recipe.method_block, model=model, modules_to_save=trained)
     try:
         return _with_attention_prefix(get_peft_model(model, config))
     except (ValueError, TypeError) as err:
@@ -251,18 +252,19 @@ def _with_attention_prefix(model: PeftModel) -> PeftModel:
     return prefix.install(model)
 
 
-def head_modules(model: nn.Module, fresh: list[str]) -> list[str]:
-    """Modules trained in full with an adapter: the new ones, the classification head, and the pooler it reads.
+def head_modules(model: nn.Module, fresh: list[str], pooler: bool = True) -> list[str]:
+    """Modules trained in full with an adapter: the new ones, the classification head, and (`pooler`) its pooler.
 
     BERT-style models pool the first token through a dense layer inside the encoder (`bert.pooler`); other
     families put that layer in their head (RoBERTa's and ELECTRA's `classifier.dense`, DistilBERT's
     `pre_classifier`, DeBERTa's `pooler`), which is new and trained in full. Training BERT's in full too makes
     every family's head the same (as AdapterHub's heads do), and matters where the checkpoint's pooler was never
     trained: sentence-transformers models such as all-MiniLM-L6-v2 pool by the mean and leave it at its random start.
+    Methods whose learning rates are far above a pretrained layer's scale (prefix and prompt tuning) leave it out.
     """
     names = {*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))}
     prefix = str(getattr(model, "base_model_prefix", ""))
-    if prefix and getattr(getattr(model, prefix, None), "pooler", None) is not None:
+    if pooler and prefix and getattr(getattr(model, prefix, None), "pooler", None) is not None:
         names.add(f"{prefix}.pooler")
     return sorted(name for name in names if not any(name.startswith(other + ".") for other in names))
 

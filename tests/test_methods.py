@@ -136,3 +136,12 @@ def test_loraplus_trains_the_b_matrices_faster_and_reloads(tmp_path, tiny_bert, 
     assert a == [pytest.approx(1e-3)] and b == [pytest.approx(16e-3)]
     assert "loraplus_lr_ratio" not in json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(("method", "pooler"), [("lora", True), ("prefix", False), ("ia3", False)])
+def test_lora_trains_berts_pooler_with_the_head(tmp_path, tiny_bert, reviews, method, pooler):
+    """LoRA trains the pooler in full (as other families' heads hold that layer); prefix tuning's rates would not."""
+    run, recorder = train_tiny(tmp_path, tiny_bert, reviews, f"method={method}")
+    saved = json.loads((run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]
+    assert ("bert.pooler" in saved) is pooler
+    assert any("pooler" in n and "modules_to_save" in n for n in recorder.moved) is pooler
