@@ -133,7 +133,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="lora",
-            summary="low-rank adapters on the linear layers (peft LoraConfig)",
+            summary="low-rank adapters on the attention projections (peft LoraConfig)",
             defaults={
                 # The LoRA paper's setting: the attention's query and value projections (target_modules null:
                 # per architecture, lora_default_targets), no dropout, so that peft takes its dropout-free path

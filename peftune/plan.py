@@ -243,7 +243,7 @@ def _quantized_linears(model: Any, kept: list[str]) -> list[Any]:
 
 
 def _quantized_linear_bytes(model: Any, kept: list[str]) -> tuple[int, int]:
-    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the new modules')."""
+    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the `kept` modules')."""
     linears = _quantized_linears(model, kept)
     fp32 = sum(module.weight.numel() * 4 for module in linears)
     int8 = sum(module.weight.numel() + module.out_features * 4 for module in linears)  # and a float32 scale a row
