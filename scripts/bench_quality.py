@@ -96,24 +96,25 @@ def run_folder(runs: Path, task: str, method: str) -> rundir.RunDir:
     return rundir.RunDir(runs / task / method)
 
 
+def train_one(recipe: str, overrides: list[str], run: rundir.RunDir, logs: Path, where: str) -> str:
+    """Train (or reuse, or resume) one run, again from the start if its recipe changed; its status."""
+    if run.recipe_file.is_file() and not load_recipe(recipe, overrides).same_as_saved(run.recipe_file):
+        print(f"{where}: the recipe changed since this run started: training it again", flush=True)
+        shutil.rmtree(run.path)
+    started = time.perf_counter()
+    status = train_run(recipe, overrides, run, logs, echo=lambda text: print(f"{where}: {text}", flush=True))
+    print(f"{where}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+    return status
+
+
 def train_all(runs: Path, pairs: list[tuple[str, str]]) -> list[str]:
     """Train (or reuse, or resume) every (task, method) run; the names of those that failed."""
     failed = []
     for number, (task, method) in enumerate(pairs, 1):
         spec = TASKS[task]
-        overrides = [*spec.overrides, *METHODS[method]]
         where = f"[{number}/{len(pairs)}] {task} {method}"
-        run = run_folder(runs, task, method)
-        if run.recipe_file.is_file() and not load_recipe(spec.recipe, overrides).same_as_saved(run.recipe_file):
-            print(f"{where}: the recipe changed since this run started: training it again", flush=True)
-            shutil.rmtree(run.path)
-        started = time.perf_counter()
-        status = train_run(
-            spec.recipe, overrides, run_folder(runs, task, method), runs / "logs" / task,
-            echo=lambda text, where=where: print(f"{where}: {text}", flush=True),
-        )  # fmt: skip
-        print(f"{where}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
-        if status == "failed":
+        overrides = [*spec.overrides, *METHODS[method]]
+        if train_one(spec.recipe, overrides, run_folder(runs, task, method), runs / "logs" / task, where) == "failed":
             failed.append(f"{task} {method}")
     return failed
 
@@ -122,24 +123,15 @@ def size_folder(runs: Path, size: int, method: str, seed: int) -> rundir.RunDir:
     return rundir.RunDir(runs / "sst2-sizes" / str(size) / f"{method}-seed{seed}")
 
 
-def size_overrides(size: int, method: str, seed: int) -> list[str]:
-    return [f"data.max_train_samples={size}", f"seed={seed}", *METHODS[method]]
-
-
 def train_sizes(runs: Path) -> list[str]:
     """Train every (size, seed, method) SST-2 run of the robustness table; the names of those that failed."""
     failed = []
     grid = [(size, seed, method) for size in SIZES for seed in SEEDS for method in SIZE_METHODS]
     for number, (size, seed, method) in enumerate(grid, 1):
         where = f"[{number}/{len(grid)}] sst2 {size} seed {seed} {method}"
-        run = size_folder(runs, size, method, seed)
-        overrides = size_overrides(size, method, seed)
-        if run.recipe_file.is_file() and not load_recipe("sst2-minilm", overrides).same_as_saved(run.recipe_file):
-            shutil.rmtree(run.path)
-        status = train_run("sst2-minilm", overrides, run, runs / "logs" / "sst2-sizes",
-                           echo=lambda text, where=where: print(f"{where}: {text}", flush=True))  # fmt: skip
-        print(f"{where}: {status}", flush=True)
-        if status == "failed":
+        overrides = [f"data.max_train_samples={size}", f"seed={seed}", *METHODS[method]]
+        logs = runs / "logs" / "sst2-sizes" / str(size)
+        if train_one("sst2-minilm", overrides, size_folder(runs, size, method, seed), logs, where) == "failed":
             failed.append(where)
     return failed
 
