@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from peftune import rundir
+from peftune import pooling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
@@ -161,6 +161,7 @@ def _describe(check: dict[str, Any]) -> str:
 
 def _readme(recipe: Recipe, labels: Labels, record: dict[str, Any]) -> str:
     names = ", ".join(labels.names) if labels.names else "a regression score"
+    note = f"\n{pooling.USAGE_NOTE}\n" if recipe.model.pooling == "mean" else ""
     return f"""# {recipe.name} (merged)
 
 A standalone text classifier: the {recipe.method} adapter of peftune run `{recipe.name}` folded into
@@ -175,6 +176,6 @@ from transformers import pipeline
 classifier = pipeline("text-classification", model="path/to/this/folder")
 print(classifier("A sentence to classify."))
 ```
-
+{note}
 `recipe.yaml` is the training recipe, `merge.json` the record of this merge.
 """

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftune import pooling
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
@@ -202,6 +203,7 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
         log.info("newly initialised (trained in full): %s", ", ".join(fresh))
     if spec.load_in_8bit:
         _full_precision(model, fresh)
+    pooling.apply(model, spec.pooling)
     return model, fresh
 
 
@@ -279,7 +281,7 @@ def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
     weights = run.weights_dir(method.is_adapter)
     tokenizer = load_tokenizer(str(weights))
     if not method.is_adapter:
-        model = AutoModelForSequenceClassification.from_pretrained(weights, use_safetensors=True)
+        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(weights, use_safetensors=True))
     else:
         from peft import PeftModel
 
@@ -338,7 +340,7 @@ def _load_model_folder(path: Path) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True))
     except (OSError, ValueError) as err:
         raise PeftuneError(f"cannot load the model in {path}: {first_line(err)}{_SAFETENSORS_ONLY}") from None
     model.eval()
@@ -353,7 +355,7 @@ def _load_hub_model(model_id: str) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_id, use_safetensors=True)
+        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(model_id, use_safetensors=True))
     except (OSError, ValueError) as err:
         raise PeftuneError(
             f"{model_id!r} is not a local folder and could not be loaded from the Hub: {first_line(err)}"

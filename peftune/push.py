@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from peftune import modeling, rundir
+from peftune import modeling, pooling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
@@ -206,6 +206,8 @@ from transformers import pipeline
 classifier = pipeline("text-classification", model="{repo_id}")
 print(classifier("A sentence to classify."))
 ```"""
+    if recipe.model.pooling == "mean":
+        usage += "\n\n" + pooling.USAGE_NOTE
     primary = metrics["primary_metric"]
     rows = "\n".join(
         f"| {name} | {value:.4f} |" for name, value in metrics["eval"].items() if isinstance(value, int | float)

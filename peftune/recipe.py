@@ -66,6 +66,8 @@ class ModelSpec(_Strict):
     name_or_path: str
     revision: str | None = None
     load_in_8bit: bool = False
+    # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling).
+    pooling: Literal["cls", "mean"] = "cls"
     trust_remote_code: bool = False
     # Pickle weight files (pytorch_model.bin) can run code when loaded: only safetensors unless this is set.
     allow_pickle: bool = False

@@ -8,6 +8,8 @@ figures for context.
     python scripts/bench_quality.py --data-dir ../shared/data            # train what is missing, write the report
     python scripts/bench_quality.py --report-only                        # rewrite the report from finished runs
     python scripts/bench_quality.py --sizes                              # SST-2 at 2k/8k/20k sentences, 3 seeds
+    python scripts/bench_quality.py --seeds                              # SST-2's full set with seeds 43 and 44
+    python scripts/bench_quality.py --levers                             # issue 19's levers on CoLA and MRPC
 
 Runs already complete are reused when trained with the same recipe (a run whose recipe changed since is trained
 again) and interrupted ones continue from their last checkpoint, so the benchmark can be stopped and started
@@ -92,6 +94,24 @@ PAPERS = [
 PAPER_METRICS = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "Matthews corr.", "stsb": "Pearson"}
 
 
+# Issue 19's levers, each one change to LoRA (or full fine-tuning) at its defaults, on the tasks where LoRA trails
+# full fine-tuning most: folder name -> (what it is, overrides). Trained by --levers, in this order.
+LEVER_TASKS = ("cola", "mrpc")
+LEVERS = {
+    "lora-mean": ("LoRA, mean pooling (`model.pooling=mean`)", ("method=lora", "model.pooling=mean")),
+    "full-mean": ("full, mean pooling (`model.pooling=mean`)", ("method=full", "model.pooling=mean")),
+    "lora-rslora": ("LoRA, rsLoRA scaling (`lora.use_rslora=true`)", ("method=lora", "lora.use_rslora=true")),
+    "lora-dora": ("LoRA, DoRA (`lora.use_dora=true`)", ("method=lora", "lora.use_dora=true")),
+    "lora-pissa": (
+        "LoRA, PiSSA start (`lora.init_lora_weights=pissa`)",
+        ("method=lora", "lora.init_lora_weights=pissa"),
+    ),
+}
+# SST-2 on its full training set with more seeds than the main table's 42: --seeds.
+MORE_SEEDS = (43, 44)
+SEED_METHODS = ("full", "lora")
+
+
 def run_folder(runs: Path, task: str, method: str) -> rundir.RunDir:
     return rundir.RunDir(runs / task / method)
 
@@ -117,6 +137,91 @@ def train_all(runs: Path, pairs: list[tuple[str, str]]) -> list[str]:
         if train_one(spec.recipe, overrides, run_folder(runs, task, method), runs / "logs" / task, where) == "failed":
             failed.append(f"{task} {method}")
     return failed
+
+
+def lever_folder(runs: Path, task: str, lever: str) -> rundir.RunDir:
+    return rundir.RunDir(runs / "levers" / task / lever)
+
+
+def train_levers(runs: Path, tasks: list[str]) -> list[str]:
+    """Train every lever run on the lever tasks asked for; the names of those that failed."""
+    failed = []
+    grid = [(task, lever) for lever in LEVERS for task in LEVER_TASKS if task in tasks]
+    for number, (task, lever) in enumerate(grid, 1):
+        where = f"[{number}/{len(grid)}] {task} {lever}"
+        overrides = [*TASKS[task].overrides, *LEVERS[lever][1]]
+        logs = runs / "logs" / "levers" / task
+        if train_one(TASKS[task].recipe, overrides, lever_folder(runs, task, lever), logs, where) == "failed":
+            failed.append(where)
+    return failed
+
+
+def lever_lines(task: str, done: dict[str, dict], runs: Path) -> list[str]:
+    """One task's lever table: each lever's metric against LoRA's and full fine-tuning's defaults."""
+    metric = TASKS[task].target_metric
+    lora, full = done.get("lora"), done.get("full")
+    lines = [f"| run | {metric} | vs LoRA (points) | vs full (points) | train samples/s | trainable parameters |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    found = {"lora": ("LoRA at its defaults", lora), "full": ("full fine-tuning at its defaults", full)}
+    for lever, (title, _) in LEVERS.items():
+        run = lever_folder(runs, task, lever)
+        found[lever] = (title, run.read_metrics() if run.is_complete() else None)
+    for title, m in found.values():
+        if m is None:
+            lines.append(f"| {title} | not run yet | | | | |")
+            continue
+        value = m["eval"][metric]
+        vs = [f"{100 * (value - ref['eval'][metric]):+.2f}" if ref else "" for ref in (lora, full)]
+        lines.append(f"| {title} | {points(value)} | {vs[0]} | {vs[1]} | {m['train_samples_per_second']:.1f} "
+                     f"| {m['trainable_parameters']:,} |")  # fmt: skip
+    return lines
+
+
+def seed_folder(runs: Path, method: str, seed: int) -> rundir.RunDir:
+    return rundir.RunDir(runs / "sst2-seeds" / f"{method}-seed{seed}")
+
+
+def train_seeds(runs: Path) -> list[str]:
+    """SST-2's full-set runs with the seeds beyond 42; the names of those that failed."""
+    failed = []
+    grid = [(seed, method) for seed in MORE_SEEDS for method in SEED_METHODS]
+    for number, (seed, method) in enumerate(grid, 1):
+        where = f"[{number}/{len(grid)}] sst2 seed {seed} {method}"
+        overrides = [*TASKS["sst2"].overrides, f"seed={seed}", *METHODS[method]]
+        logs = runs / "logs" / "sst2-seeds"
+        if train_one("sst2-minilm", overrides, seed_folder(runs, method, seed), logs, where) == "failed":
+            failed.append(where)
+    return failed
+
+
+def seed_lines(sst2: dict[str, dict], runs: Path) -> list[str]:
+    """SST-2 accuracy per method and seed (42 from the main table), with the mean and the spread."""
+    seeds = (42, *MORE_SEEDS)
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |",
+             "|---|" + "---|" * (len(seeds) + 2)]  # fmt: skip
+    means = {}
+    for method in SEED_METHODS:
+        runs_of = {42: sst2.get(method)} | {
+            s: seed_folder(runs, method, s).read_metrics()
+            for s in MORE_SEEDS
+            if seed_folder(runs, method, s).is_complete()
+        }
+        values = [100 * runs_of[s]["eval"]["accuracy"] if runs_of.get(s) else None for s in seeds]
+        cells = " | ".join("not run yet" if v is None else f"{v:.2f}" for v in values)
+        known = [v for v in values if v is not None]
+        if len(known) == len(seeds):
+            means[method] = sum(known) / len(known)
+            lines.append(f"| {method} | {cells} | {means[method]:.2f} | {max(known) - min(known):.2f} |")
+        else:
+            lines.append(f"| {method} | {cells} | | |")
+    if len(means) == len(SEED_METHODS):
+        diff = means["lora"] - means["full"]
+        met = "met" if diff >= -0.5 else f"missed by {-diff - 0.5:.2f}"
+        lines += [
+            "",
+            f"LoRA minus full fine-tuning, mean of three seeds: {diff:+.2f} points (target: within 0.5; {met}).",
+        ]
+    return lines
 
 
 def size_folder(runs: Path, size: int, method: str, seed: int) -> rundir.RunDir:
@@ -299,6 +404,19 @@ def write_report(runs: Path, report: Path) -> None:
               f"(drawn by the seed, which also seeds training), one epoch, each method at its defaults. A LoRA run "
               f"more than {NEAR_FULL:g} points below full fine-tuning's of the same size and seed has not learned. "
               "The full training set is the SST-2 table above.", "", *size_lines(runs)]  # fmt: skip
+    lines += ["", "## SST-2 with three seeds (accuracy, full training set)", "",
+              "`python scripts/bench_quality.py --seeds`: the SST-2 runs above (seed 42) again with seeds "
+              f"{', '.join(map(str, MORE_SEEDS))}, which seed the head's start, dropout and the batch order.", "",
+              *seed_lines(rows.get("sst2", {}), runs)]  # fmt: skip
+    lines += [
+        "",
+        "## What each lever gave (LoRA's weakest tasks)",
+        "",
+        "`python scripts/bench_quality.py --levers`: the task's recipe with one change each, seed 42, against "
+        "the task's LoRA and full fine-tuning rows above. Which levers are kept, and why, is in the notes.",
+    ]
+    for task in LEVER_TASKS:
+        lines += ["", f"### {TASKS[task].title}", "", *lever_lines(task, rows.get(task, {}), runs)]
     lines += ["", "## Published figures, for context", "",
               "| source | " + " | ".join(f"{t} ({PAPER_METRICS[t]})" for t in TASKS) + " |",
               "|---|" + "---|" * len(TASKS)]  # fmt: skip
@@ -322,6 +440,8 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     parser.add_argument("--sizes", action="store_true", help="train the SST-2 size and seed grid instead")
+    parser.add_argument("--seeds", action="store_true", help="train SST-2 full and LoRA with more seeds instead")
+    parser.add_argument("--levers", action="store_true", help="train the lever runs on CoLA and MRPC instead")
     args = parser.parse_args()
 
     tasks, methods = args.tasks.split(","), args.methods.split(",")
@@ -336,6 +456,10 @@ def main() -> int:
         os.environ["PEFTUNE_DATA_DIR"] = str(data_dir)
         if args.sizes:
             failed = train_sizes(args.runs)
+        elif args.seeds:
+            failed = train_seeds(args.runs)
+        elif args.levers:
+            failed = train_levers(args.runs, tasks)
         else:
             failed = train_all(args.runs, [(t, m) for t, m in ORDER if t in tasks and m in methods])
     write_report(args.runs, args.report)

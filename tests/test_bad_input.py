@@ -77,6 +77,7 @@ CASES: dict[str, Case] = {
     "unknown LoRA argument": (lambda w: ["validate", w.recipe, "lora.rank=4"], "rank"),
     "LoRA+ ratio below one": (lambda w: ["validate", w.recipe, "lora.loraplus_lr_ratio=0.5"], "at least 1"),
     "LoRA+ ratio in another block": (lambda w: ["validate", w.recipe, "ia3.loraplus_lr_ratio=16"], "loraplus"),
+    "unknown pooling": (lambda w: ["validate", w.recipe, "model.pooling=max"], "should be 'cls' or 'mean'"),
     "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.load_in_8bit=true"), "8-bit"),
     "projected prefixes with the best checkpoint kept": (
         lambda w: train(

@@ -145,3 +145,40 @@ def test_lora_trains_berts_pooler_with_the_head(tmp_path, tiny_bert, reviews, me
     saved = json.loads((run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]
     assert ("bert.pooler" in saved) is pooler
     assert any("pooler" in n and "modules_to_save" in n for n in recorder.moved) is pooler
+
+
+# LoRA variants that pass through to peft's LoraConfig: (override, what adapter_config.json records).
+VARIANTS = {
+    "rslora": ("lora.use_rslora=true", {"use_rslora": True}),
+    "dora": ("lora.use_dora=true", {"use_dora": True}),
+    "pissa": ("lora.init_lora_weights=pissa", {"init_lora_weights": "pissa"}),
+    "olora": ("lora.init_lora_weights=olora", {"init_lora_weights": "olora"}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lora_variants_train_reload_and_merge(tmp_path, tiny_bert, reviews, variant):
+    """rsLoRA, DoRA and PiSSA/OLoRA initialisation: saved as such, reloaded and merged to the trained logits.
+
+    PiSSA and OLoRA move the base's principal part into the adapter; peft recomputes that residual base from the
+    original checkpoint on load (the decomposition is deterministic), so the adapter folder alone reproduces it.
+    """
+    import torch
+    from trained import batch
+
+    from peftune.merge import merge_adapter
+    from peftune.modeling import load_target
+
+    override, recorded = VARIANTS[variant]
+    run, recorder = train_tiny(tmp_path, tiny_bert, reviews, override)
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert {key: config[key] for key in recorded} == recorded
+    assert any(".lora_B." in n for n in recorder.moved)
+    if variant == "dora":
+        assert any("lora_magnitude_vector" in n for n in recorder.moved)
+    assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5
+    merged = merge_adapter(run.path, output=tmp_path / "merged")
+    assert json.loads((merged / "merge.json").read_text())["check"]["passed"]
+    loaded = load_target(merged)
+    with torch.no_grad():
+        assert (loaded.model(**batch(loaded.tokenizer)).logits - recorder.logits).abs().max().item() < 1e-4

@@ -1,0 +1,79 @@
+"""Pooling: which summary of the text a classification head reads, the first token's or the mean of all tokens.
+
+transformers' heads read the first token ([CLS]). Checkpoints trained with mean pooling (every
+sentence-transformers model, all-MiniLM-L6-v2 among them) carry their sentence meaning in the mean of the token
+states instead, and their first token is a poor summary. With `model.pooling: mean` the base model's output has
+its first position replaced by the masked mean of all positions, so every family's own head (BERT's pooler,
+RoBERTa's and ELECTRA's dense layer, DistilBERT's pre-classifier, DeBERTa's context pooler) reads the mean
+unchanged, through training, merging and ONNX export alike.
+
+The choice is saved in the model's config.json as `classifier_pooling` (the name ModernBERT's config uses for the
+same choice), and every peftune load applies it again. transformers alone ignores it for other families: a
+merged or full model with mean pooling needs `peftune.pooling.apply(model)` after `from_pretrained`; the ONNX
+export has it in its graph and needs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+POOLINGS = ("cls", "mean")
+CONFIG_KEY = "classifier_pooling"
+_HOOKED = "_peftune_mean_pooling"
+
+# For model cards and merged folders' READMEs: what a user of a mean-pooled model must know.
+USAGE_NOTE = (
+    "The head reads the mean of the token states, not the first token (`classifier_pooling: mean`). transformers "
+    'alone reads the first token: after loading, call `peftune.pooling.apply(model, "mean")`, or use '
+    "`peftune predict`, or peftune's ONNX export, which has the mean in its graph."
+)
+
+
+def apply(model: nn.Module, pooling: str | None = None) -> nn.Module:
+    """Make `model`'s head read `pooling` ("cls" or "mean"; None: what its config records) and record it there."""
+    config: Any = model.config
+    pooling = pooling or getattr(config, CONFIG_KEY, None) or "cls"
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if pooling == "cls":
+        if hasattr(config, CONFIG_KEY):  # a checkpoint trained with mean pooling, now trained with the first token
+            config.classifier_pooling = pooling
+        return model
+    config.classifier_pooling = pooling
+    base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if base is None or getattr(base, _HOOKED, False):
+        return model
+    base.register_forward_hook(_mean_as_first_token, with_kwargs=True)
+    setattr(base, _HOOKED, True)
+    return model
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of each row's token states over the positions its attention mask keeps."""
+    if mask is None:
+        return hidden.mean(dim=1)
+    mask = mask[:, -hidden.shape[1] :].to(hidden.dtype).unsqueeze(-1)  # virtual tokens may come first in the mask
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _mean_as_first_token(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook on the base model: its first position becomes the masked mean, and its pooler reads that."""
+    import torch
+
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    hidden = output[0]
+    pooled = torch.cat([masked_mean(hidden, mask).unsqueeze(1), hidden[:, 1:]], dim=1)
+    pooler = getattr(module, "pooler", None)
+    if isinstance(output, tuple):
+        rest = output[1:]
+        if pooler is not None and rest:
+            rest = (pooler(pooled), *rest[1:])
+        return (pooled, *rest)
+    output["last_hidden_state"] = pooled
+    if pooler is not None and output.get("pooler_output") is not None:
+        output["pooler_output"] = pooler(pooled)
+    return output
