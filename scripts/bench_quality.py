@@ -106,6 +106,7 @@ LEVERS = {
         "LoRA, PiSSA start (`lora.init_lora_weights=pissa`)",
         ("method=lora", "lora.init_lora_weights=pissa"),
     ),
+    "prefix-mean": ("prefix, mean pooling (`model.pooling=mean`)", ("method=prefix", "model.pooling=mean")),
 }
 # SST-2 on its full training set with more seeds than the main table's 42: --seeds.
 MORE_SEEDS = (43, 44)
@@ -162,7 +163,8 @@ def lever_lines(task: str, done: dict[str, dict], runs: Path) -> list[str]:
     lora, full = done.get("lora"), done.get("full")
     lines = [f"| run | {metric} | vs LoRA (points) | vs full (points) | train samples/s | trainable parameters |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    found = {"lora": ("LoRA at its defaults", lora), "full": ("full fine-tuning at its defaults", full)}
+    found = {"lora": ("LoRA at its defaults", lora), "full": ("full fine-tuning at its defaults", full),
+             "prefix": ("prefix at its defaults", done.get("prefix"))}  # fmt: skip
     for lever, (title, _) in LEVERS.items():
         run = lever_folder(runs, task, lever)
         found[lever] = (title, run.read_metrics() if run.is_complete() else None)
