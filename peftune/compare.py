@@ -34,11 +34,11 @@ COLUMNS = (
     ("peak_memory_mb", "peak MB"),
     ("weights_mb", "weights MB"),
     ("standalone_model_mb", "standalone MB"),
-    ("load_in_8bit", "8-bit"),
+    ("quantization", "quantized"),
     ("device", "device"),
 )
 
-TEXT_COLUMNS = ("run", "method", "base_model", "metric_name", "device", "load_in_8bit")  # left-aligned
+TEXT_COLUMNS = ("run", "method", "base_model", "metric_name", "device", "quantization")  # left-aligned
 
 
 def collect(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -63,6 +63,8 @@ def row_of(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": metrics.get("trainable_parameters"),
         "trainable_share": _percent(metrics.get("trainable_share")),
         **{key: metrics.get(key) for key, _ in COLUMNS[7:]},
+        # Runs before 0.2 recorded `load_in_8bit`.
+        "quantization": metrics.get("quantization") or ("8bit" if metrics.get("load_in_8bit") else "none"),
         "dtype": metrics.get("dtype"),
         "recipe_sha256": metrics.get("recipe_sha256"),
     }

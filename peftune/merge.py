@@ -1,7 +1,7 @@
 """Merge: fold a LoRA or IA3 adapter into its base model and write a standalone model folder.
 
-The base is always reloaded in full precision, also for an adapter trained on an 8-bit base: merging
-into re-quantized int8 weights would add a second rounding to every weight. The merged model is then
+The base is always reloaded in full precision, also for an adapter trained on an 8-bit or 4-bit base: merging
+into re-quantized weights would add a second rounding to every weight. The merged model is then
 checked against the adapter model on the eval rows kept in the run folder, and only a model that passes
 is written.
 """
@@ -27,7 +27,7 @@ from peftune.recipe import Recipe, load_recipe
 DTYPES = ("float32", "float16", "bfloat16")
 # How closely a merged model must match the adapter model it came from, on the kept eval rows. A float32
 # merge of a float32 adapter differs only by rounding (about 1e-6 measured); a half-precision merge, or a
-# merge of an adapter trained on an int8 base, differs by rounding the weights, so it is judged by labels.
+# merge of an adapter trained on an int8 or NF4 base, differs by rounding the weights, so it is judged by labels.
 MAX_LOGIT_DIFFERENCE = 1e-3
 MIN_LABEL_AGREEMENT = 0.98
 MAX_REGRESSION_DIFFERENCE = 0.1  # the same judgement for a regression output, in its own units
@@ -62,7 +62,7 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
     merged = merged_model(run, recipe, reference.labels)
     merged.to(_torch_dtype(dtype))
     candidate = LoadedModel(merged, reference.tokenizer, reference.labels, recipe, reference.samples)
-    check = compare(reference, candidate, trained_in_8bit=recipe.model.load_in_8bit, dtype=dtype)
+    check = compare(reference, candidate, trained_quantized=recipe.model.quantized, dtype=dtype)
     if not check["passed"]:
         raise PeftuneError(
             f"the merged model disagrees with the adapter model beyond tolerance ({_describe(check)}); "
@@ -80,7 +80,7 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
         "source_run": str(run.path.resolve()),
         "method": recipe.method,
         "base_model": recipe.model.name_or_path,
-        "trained_in_8bit": recipe.model.load_in_8bit,
+        "trained_on": recipe.model.quantization,  # the base's weights in training: none, 8bit or 4bit
         "dtype": dtype,
         "check": check,
         "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -97,13 +97,29 @@ def merged_model(run: rundir.RunDir, recipe: Recipe, labels: Labels) -> Any:
     """The run's adapter folded into a full-precision copy of its base (a plain transformers model)."""
     from peft import PeftModel
 
-    base, _ = load_base_model(recipe.model.model_copy(update={"load_in_8bit": False}), labels)
-    model = PeftModel.from_pretrained(base, str(run.weights_dir(is_adapter=True))).merge_and_unload()
+    base, _ = load_base_model(recipe.model.model_copy(update={"quantization": "none"}), labels)
+    adapted = PeftModel.from_pretrained(base, str(run.weights_dir(is_adapter=True)))
+    _keep_trained_copies(adapted)
+    model = adapted.merge_and_unload()
     model.eval()
     return model
 
 
-def compare(reference: LoadedModel, candidate: LoadedModel, trained_in_8bit: bool, dtype: str) -> dict[str, Any]:
+def _keep_trained_copies(model: Any) -> None:
+    """Put each module trained in full (the head, a pooler) in place of its wrapper, as the trained copy.
+
+    peft's IA3 unloading treats a wrapped module as a linear layer and fails on a head made of several
+    (RoBERTa's, DeBERTa's pooler); with the wrappers gone, every method merges only its adapter layers.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapter])
+
+
+def compare(reference: LoadedModel, candidate: LoadedModel, trained_quantized: bool, dtype: str) -> dict[str, Any]:
     """Logit difference and label agreement of two models on the kept eval rows, judged by the tolerances."""
     samples = reference.samples
     if not samples:
@@ -116,7 +132,7 @@ def compare(reference: LoadedModel, candidate: LoadedModel, trained_in_8bit: boo
     expected = batched_logits(reference, texts, pairs)
     got = batched_logits(candidate, texts, pairs)
     difference = float(np.abs(expected - got).max())
-    exact = dtype == "float32" and not trained_in_8bit
+    exact = dtype == "float32" and not trained_quantized
     check: dict[str, Any] = {"samples": len(samples), "max_abs_logit_difference": difference}
     if reference.labels.names is None:
         check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE}

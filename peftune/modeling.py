@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Attribute names of the classification head on transformers' *ForSequenceClassification models.
 HEAD_NAMES = ("classifier", "score")
+# Layers of the head that some families keep beside it: DistilBERT's `pre_classifier`, DeBERTa's `pooler`.
+HEAD_PARTS = ("pre_classifier", "pooler")
 
 
 def _looks_local(name: str) -> bool:
@@ -85,13 +88,13 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
             f"data.max_length {recipe.data.max_length} is more than {config.model_type} models take ({limit} tokens); "
             f"set data.max_length to {limit} or less"
         )
-    if recipe.model.load_in_8bit:
+    if recipe.model.quantized:
         try:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # an ImportError, or a broken native library
             raise PeftuneError(
-                f"model.load_in_8bit needs a working bitsandbytes ({first_line(err)}); "
-                "pip install bitsandbytes, or set model.load_in_8bit=false"
+                f"model.quantization={recipe.model.quantization} needs a working bitsandbytes ({first_line(err)}); "
+                "pip install bitsandbytes, or set model.quantization=none"
             ) from None
 
 
@@ -155,22 +158,22 @@ def load_tokenizer(spec: ModelSpec | str) -> Any:
         ) from None
 
 
-def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, list[str]]:
+def load_base_model(
+    spec: ModelSpec, labels: Labels, compute_dtype: str = "float32"
+) -> tuple[PreTrainedModel, list[str]]:
     """Load the checkpoint with a head sized for `labels`; also return the newly initialised modules.
 
-    With `load_in_8bit`, the linear layers load as bitsandbytes int8, except inside the new modules:
-    those are trained in full, and an int8 head crashes LoRA training or makes it diverge.
+    With `quantization`, the base's linear layers load as bitsandbytes int8 or NF4 (computing in
+    `compute_dtype`), except those decided before loading to stay in full precision (`kept_in_full_precision`):
+    the head, the pooler it reads and every module the checkpoint lacks, which are trained in full.
     """
     from transformers import AutoModelForSequenceClassification
 
-    quantization = None
-    if spec.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        # The head and the pooler it reads may be trained in full (head_modules): loaded as they are, not in int8.
-        # Names match as a module path's start or end: "pooler.dense" is BERT's `bert.pooler.dense`.
-        skip = [*HEAD_NAMES, "pooler", "pooler.dense"]
-        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    quantization, device_map = None, None
+    if spec.quantized:
+        skip = kept_in_full_precision(spec, load_config(spec))
+        quantization = quantization_config(spec.quantization, skip, compute_dtype)
+        device_map = {"": process_device()}
     path = local_path(spec.name_or_path, "model.name_or_path")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -184,6 +187,7 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
             # A checkpoint that is already a classifier with another label count gets a fresh head.
             ignore_mismatched_sizes=True,
             quantization_config=quantization,
+            device_map=device_map,
             output_loading_info=True,
             use_safetensors=None if spec.allow_pickle else True,
         )
@@ -201,10 +205,80 @@ def load_base_model(spec: ModelSpec, labels: Labels) -> tuple[PreTrainedModel, l
     fresh = fresh_modules(model, new_keys)
     if fresh:
         log.info("newly initialised (trained in full): %s", ", ".join(fresh))
-    if spec.load_in_8bit:
-        _full_precision(model, fresh)
+    if spec.quantized:
+        _check_full_precision(model, fresh)
+        _no_cpu_packing(model)
     pooling.apply(model, spec.pooling)
     return model, fresh
+
+
+def quantization_config(kind: str, skip: list[str], compute_dtype: str = "float32") -> Any:
+    """bitsandbytes settings: int8 (LLM.int8) or NF4 with double quantization (QLoRA's), `skip` left in float."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        llm_int8_skip_modules=skip,  # transformers reads this list for 4-bit too
+    )
+
+
+def compute_dtype(train: dict[str, Any]) -> str:
+    """The dtype a 4-bit base computes in: the training precision (bf16, fp16, else float32)."""
+    return "bfloat16" if train.get("bf16") else "float16" if train.get("fp16") else "float32"
+
+
+def process_device() -> Any:
+    """This process's device: its own GPU under torchrun or accelerate launch (`LOCAL_RANK`), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def kept_in_full_precision(spec: ModelSpec, config: PretrainedConfig) -> list[str]:
+    """Modules a quantized base keeps in float, decided before loading: the head and the pooler it reads (by
+    the architecture) and every module whose weights the checkpoint lacks (by its safetensors files' keys)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=spec.trust_remote_code)
+    kept = set(head_modules(model, [], pooler=True))
+    stored = checkpoint_keys(spec)
+    if stored is not None:
+        prefix = str(getattr(model, "base_model_prefix", ""))
+        expected = {name for name, _ in model.named_parameters()}
+        # A bare encoder checkpoint (BertModel) stores `encoder.…` where the classifier has `bert.encoder.…`.
+        stored |= {f"{prefix}.{key}" for key in stored}
+        kept |= set(fresh_modules(model, expected - stored))
+    return sorted(kept)
+
+
+def checkpoint_keys(spec: ModelSpec) -> set[str] | None:
+    """The tensor names in the checkpoint's safetensors files (headers only); None when they cannot be read."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    name = local_path(spec.name_or_path, "model.name_or_path")
+    kwargs = {"revision": spec.revision, "_raise_exceptions_for_missing_entries": False}
+    try:
+        index = cached_file(name, SAFE_WEIGHTS_INDEX_NAME, **kwargs)
+        if index is not None:
+            return set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"])
+        single = cached_file(name, SAFE_WEIGHTS_NAME, **kwargs)
+        if single is None:
+            return None
+        with safe_open(single, framework="pt") as weights:
+            return set(weights.keys())
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def fresh_modules(model: nn.Module, new_keys: set[str]) -> list[str]:
@@ -229,7 +303,7 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.model.load_in_8bit:
+    if recipe.model.quantized:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing")),
@@ -259,12 +333,13 @@ def head_modules(model: nn.Module, fresh: list[str], pooler: bool = True) -> lis
 
     BERT-style models pool the first token through a dense layer inside the encoder (`bert.pooler`); other
     families put that layer in their head (RoBERTa's and ELECTRA's `classifier.dense`, DistilBERT's
-    `pre_classifier`, DeBERTa's `pooler`), which is new and trained in full. Training BERT's in full too makes
+    `pre_classifier`, DeBERTa's `pooler`), trained in full as part of the head, new or kept from a checkpoint
+    that is already a classifier. Training BERT's in full too makes
     every family's head the same (as AdapterHub's heads do), and matters where the checkpoint's pooler was never
     trained: sentence-transformers models such as all-MiniLM-L6-v2 pool by the mean and leave it at its random start.
     Methods whose learning rates are far above a pretrained layer's scale (prefix and prompt tuning) leave it out.
     """
-    names = {*fresh, *(name for name in HEAD_NAMES if hasattr(model, name))}
+    names = {*fresh, *(name for name in (*HEAD_NAMES, *HEAD_PARTS) if hasattr(model, name))}
     prefix = str(getattr(model, "base_model_prefix", ""))
     if pooler and prefix and getattr(getattr(model, prefix, None), "pooler", None) is not None:
         names.add(f"{prefix}.pooler")
@@ -285,7 +360,7 @@ def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
     else:
         from peft import PeftModel
 
-        base, _ = load_base_model(recipe.model, labels)
+        base, _ = load_base_model(recipe.model, labels, compute_dtype(recipe.train))
         model = _with_attention_prefix(PeftModel.from_pretrained(base, str(weights)))
     model.eval()
     return model, tokenizer, labels
@@ -374,35 +449,54 @@ def _labels_of(config: Any) -> Labels:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Trainable and total parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights_in(p) for p in model.parameters())
     return trainable, total
 
 
+def _weights_in(parameter: Any) -> int:
+    """How many weights a parameter holds: an NF4 tensor packs two in each of its bytes."""
+    state = getattr(parameter, "quant_state", None)
+    return int(state.shape.numel()) if state is not None else int(parameter.numel())
+
+
 def memory_footprint(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (int8 weights count one byte each)."""
+    """Bytes held by the model's parameters and buffers (int8 weights count one byte each, NF4 weights half a
+    byte), with the block scales that NF4 weights keep beside them."""
     tensors = [*model.parameters(), *model.buffers()]
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            tensors.append(state.absmax)
+            if getattr(state, "state2", None) is not None:  # double quantization: the scales' own scales
+                tensors.append(state.state2.absmax)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _full_precision(model: PreTrainedModel, fresh: list[str]) -> None:
-    """Swap the int8 linear layers inside the new modules for plain ones with the same initial weights."""
+def _check_full_precision(model: PreTrainedModel, fresh: list[str]) -> None:
+    """Every new module must have loaded in float (it is trained in full); say which did not, if one did not."""
     import bitsandbytes as bnb
-    from torch import nn
 
     for prefix in fresh:
-        for name, module in list(model.get_submodule(prefix).named_modules()):
-            if not isinstance(module, bnb.nn.Linear8bitLt):
-                continue
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            if module.weight.dtype.is_floating_point:  # not quantized yet: keep its random initialisation
-                linear.weight.data.copy_(module.weight.data.float())
-                if module.bias is not None:
-                    linear.bias.data.copy_(module.bias.data.float())
-            else:
-                model._init_weights(linear)
-            path = f"{prefix}.{name}" if name else prefix
-            parent, _, attribute = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attribute, linear)
+        for name, module in model.get_submodule(prefix).named_modules():
+            if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit):
+                raise PeftuneError(
+                    f"{prefix}.{name} is new in this model but was quantized, so it cannot be trained; "
+                    "this checkpoint's layout is not one peftune knows: set model.quantization=none"
+                )
+
+
+def _no_cpu_packing(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes from repacking NF4 weights for its CPU inference kernel.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weights in place the first time it runs in eval mode on a CPU with
+    AVX512-BF16; training after that evaluation then fails inside its matmul, and the repacking cannot handle
+    rows shorter than a quantization block. The unpacked path computes the same outputs.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _key_of(entry: Any) -> str:

@@ -5,7 +5,8 @@ would attach it, and one training forward pass is traced there: every tensor aut
 pass is counted. The estimate is the sum of
 
 - weights: float32, or for an 8-bit base int8 linear layers (one byte a weight and a float32 scale per output
-  row) with everything else in float32, as bitsandbytes loads them;
+  row), for a 4-bit base NF4 ones (half a byte a weight, an 8-bit scale per block of 64 and a float32 scale per
+  256 blocks: double quantization), with everything else in float32, as bitsandbytes loads them;
 - AdamW's two float32 states for each trainable parameter;
 - the larger of two: the activations, the tensors saved for backward at the batch size and max_length (with
   gradient checkpointing, the input of every layer plus one layer's saved tensors, recomputed in turn), plus the
@@ -32,8 +33,8 @@ from peftune.recipe import Recipe, load_recipe
 ALLOWANCE_MB = 512
 ALLOWANCE_SHARE = 0.10
 BUDGETS_GB = (8, 12, 16, 24)
-PLANNED = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.load_in_8bit=true"],
-           "prefix": ["method=prefix"]}  # fmt: skip
+PLANNED = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.quantization=8bit"],
+           "lora-4bit": ["method=lora", "model.quantization=4bit"], "prefix": ["method=prefix"]}  # fmt: skip
 MB = 2**20
 
 
@@ -114,26 +115,28 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     prefix = f"{model.base_model_prefix}."
     new_keys = {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
     fresh = modeling.fresh_modules(model, new_keys)
-    kept = modeling.head_modules(model, fresh)  # loaded in full precision under 8-bit
-    linear_weights = _quantized_linear_bytes(model, kept) if recipe.model.load_in_8bit else None
-    quantized = _quantized_linears(model, kept) if recipe.model.load_in_8bit else []
-    attached = modeling.attach_method(model, _without_8bit(recipe), fresh)
+    kind = recipe.model.quantization
+    kept = modeling.head_modules(model, fresh)  # loaded in full precision on a quantized base
+    linear_weights = _quantized_linear_bytes(model, kept, kind) if recipe.model.quantized else None
+    # int8 matmuls keep their input for the backward pass; NF4 ones keep only the weight.
+    quantized = _quantized_linears(model, kept) if kind == "8bit" else []
+    attached = modeling.attach_method(model, _unquantized(recipe), fresh)
     trainable = sum(p.numel() for p in attached.parameters() if p.requires_grad)
     weights = sum(p.numel() * 4 for p in attached.parameters())
     weights += sum(b.numel() * b.element_size() for b in attached.buffers())
     if linear_weights is not None:
-        weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their int8 form
+        weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their quantized form
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = recipe.data.max_length
     activations, layer_inputs, layers = _traced_activations(attached, config, batch, length, quantized)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
-    return Estimate(recipe.method + ("-8bit" if recipe.model.load_in_8bit else ""), batch, length, weights,
+    return Estimate(recipe.method + (f"-{kind}" if recipe.model.quantized else ""), batch, length, weights,
                     trainable * 4, trainable * 8, activations, checkpointed, trainable,
                     int(recipe.train.get("gradient_accumulation_steps", 1)))  # fmt: skip
 
 
 def plan(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Estimate | str]]:
-    """An estimate for each method (full, LoRA, LoRA on 8-bit, prefix), or the reason it does not apply."""
+    """An estimate for each method (full, LoRA, LoRA on 8-bit and on 4-bit, prefix), or the reason it does not apply."""
     base = load_recipe(ref, overrides)
     config = modeling.load_config(base.model)
     rows: list[tuple[str, Estimate | str]] = []
@@ -226,9 +229,9 @@ def advice(estimates: list[Estimate], budget: int, text: str) -> str:
     return f"nothing fits {text} {where}; what would: " + "; ".join(options[:3]) + " (or a smaller data.max_length)"
 
 
-def _without_8bit(recipe: Recipe) -> Recipe:
-    """The recipe with a float base: the adapter is attached the same way, and 8-bit is counted separately."""
-    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_8bit": False})})
+def _unquantized(recipe: Recipe) -> Recipe:
+    """The recipe with a float base: the adapter is attached the same way, and quantization is counted separately."""
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
 
 
 def _quantized_linears(model: Any, kept: list[str]) -> list[Any]:
@@ -242,12 +245,14 @@ def _quantized_linears(model: Any, kept: list[str]) -> list[Any]:
     ]
 
 
-def _quantized_linear_bytes(model: Any, kept: list[str]) -> tuple[int, int]:
-    """(float32 bytes, int8 bytes) of the linear weights bitsandbytes quantizes (all but the `kept` modules')."""
+def _quantized_linear_bytes(model: Any, kept: list[str], kind: str = "8bit") -> tuple[int, int]:
+    """(float32 bytes, quantized bytes) of the linear weights bitsandbytes quantizes (all but the `kept` modules')."""
     linears = _quantized_linears(model, kept)
     fp32 = sum(module.weight.numel() * 4 for module in linears)
-    int8 = sum(module.weight.numel() + module.out_features * 4 for module in linears)  # and a float32 scale a row
-    return fp32, int8
+    if kind == "8bit":  # a byte a weight, and a float32 scale a row
+        return fp32, sum(module.weight.numel() + module.out_features * 4 for module in linears)
+    sizes = [module.weight.numel() for module in linears]  # NF4: half a byte a weight, scales per block
+    return fp32, sum(-(-n // 2) + -(-n // 64) + 4 * -(-n // (64 * 256)) for n in sizes)
 
 
 def _traced_activations(

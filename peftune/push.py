@@ -158,7 +158,8 @@ def model_card(
         for name, value in metrics["eval"].items()
         if name not in NOT_METRICS and isinstance(value, int | float)
     ]
-    tags = ["peftune", "text-classification", recipe.method] + (["8-bit"] if recipe.model.load_in_8bit else [])
+    quantized = {"8bit": ["8-bit"], "4bit": ["4-bit"]}.get(recipe.model.quantization, [])
+    tags = ["peftune", "text-classification", recipe.method, *quantized]
     card_data = ModelCardData(
         library_name=library, base_model=base_id, pipeline_tag="text-classification", tags=tags,
         datasets=[hub_dataset] if hub_dataset else None, license=license, model_name=repo_id.split("/")[1],
@@ -234,7 +235,7 @@ print(classifier("A sentence to classify."))
 
 ## Training
 
-Method `{recipe.method}`{" on an 8-bit base" if recipe.model.load_in_8bit else ""}, \
+Method `{recipe.method}`{_base_text(recipe)}, \
 {metrics["train_samples"]:,} training examples, learning rate {metrics["learning_rate"]:g}, \
 {metrics["global_steps"]} optimizer steps in {metrics["train_runtime_s"]:.0f} s on {metrics["device"]} \
 ({metrics["dtype"]}), peak memory {metrics["peak_memory_mb"]:.0f} MB. Libraries: {versions}.
@@ -245,6 +246,10 @@ The resolved recipe (also in `recipe.yaml`):
 {yaml.safe_dump(_public_recipe(recipe), sort_keys=False).rstrip()}
 ```
 """
+
+
+def _base_text(recipe: Recipe) -> str:
+    return {"8bit": " on an 8-bit base", "4bit": " on a 4-bit (NF4) base"}.get(recipe.model.quantization, "")
 
 
 def _data_text(recipe: Recipe) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.resources
+import logging
 import os
 import re
 import shutil
@@ -52,6 +53,8 @@ TRAIN_RENAMED = {
     "group_by_length": "train_sampling_strategy: group_by_length",
 }
 
+_log = logging.getLogger(__name__)
+
 TEXT_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 PACKAGE_SCHEME = "pkg://"
 
@@ -65,12 +68,39 @@ class ModelSpec(_Strict):
 
     name_or_path: str
     revision: str | None = None
-    load_in_8bit: bool = False
+    # The base's linear layers as bitsandbytes int8 or NF4 (QLoRA), for adapter methods; the head stays float.
+    quantization: Literal["none", "8bit", "4bit"] = "none"
     # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling).
     pooling: Literal["cls", "mean"] = "cls"
     trust_remote_code: bool = False
     # Pickle weight files (pytorch_model.bin) can run code when loaded: only safetensors unless this is set.
     allow_pickle: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_in_8bit_is_quantization(cls, data: Any) -> Any:
+        """`load_in_8bit` (before 0.2) is `quantization: 8bit`: accepted with a line saying so."""
+        if not isinstance(data, dict) or "load_in_8bit" not in data:
+            return data
+        data = dict(data)
+        eight_bit = data.pop("load_in_8bit")
+        if not isinstance(eight_bit, bool):
+            raise ValueError(
+                f"model.load_in_8bit must be true or false, got {eight_bit!r}; better, set model.quantization"
+            )
+        wanted = "8bit" if eight_bit else "none"
+        if data.setdefault("quantization", wanted) != wanted:
+            raise ValueError(
+                f"model.load_in_8bit={str(eight_bit).lower()} contradicts model.quantization={data['quantization']}; "
+                "drop load_in_8bit (model.quantization replaces it)"
+            )
+        if eight_bit:
+            _log.warning("model.load_in_8bit is deprecated: write model.quantization: 8bit instead")
+        return data
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
 
 
 class DataSpec(_Strict):
@@ -152,11 +182,12 @@ class Recipe(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _eight_bit_needs_an_adapter(self) -> Recipe:
-        if self.model.load_in_8bit and not METHODS[self.method].is_adapter:
+    def _quantized_needs_an_adapter(self) -> Recipe:
+        if self.model.quantized and not METHODS[self.method].is_adapter:
+            q = self.model.quantization
             raise ValueError(
-                "model.load_in_8bit needs an adapter method: 8-bit weights cannot be trained in full; "
-                "use method=lora, or load_in_8bit=false"
+                f"model.quantization={q} needs an adapter method: {q} weights cannot be trained in full; "
+                "use method=lora, or model.quantization=none"
             )
         return self
 

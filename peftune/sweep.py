@@ -181,10 +181,13 @@ def _not_applicable(
     assignments: dict[str, str], method: str, base: Recipe, spec: str, overrides: Sequence[str], config: Any
 ) -> str | None:
     """Why a combination cannot run (None when it can); a mistake in the grid is an error, not a skip."""
-    eight_bit = assignments.get("model.load_in_8bit")
-    in_8bit = yaml.safe_load(eight_bit) is True if eight_bit is not None else base.model.load_in_8bit
-    if in_8bit and not METHODS[method].is_adapter:
-        return "full fine-tuning cannot train 8-bit weights"
+    quantization: str = base.model.quantization
+    if "model.quantization" in assignments:
+        quantization = str(yaml.safe_load(assignments["model.quantization"]))
+    elif "model.load_in_8bit" in assignments:  # before 0.2
+        quantization = "8bit" if yaml.safe_load(assignments["model.load_in_8bit"]) is True else "none"
+    if quantization != "none" and not METHODS[method].is_adapter:
+        return f"full fine-tuning cannot train {quantization} weights"
     recipe = load_recipe(spec, [*overrides, *_overrides(assignments)])
     check_passthrough(recipe)
     if config is not None:

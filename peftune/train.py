@@ -77,7 +77,7 @@ def train(
         f"{labels.num_labels} labels" if labels.names else "regression",
     )  # fmt: skip
 
-    base, fresh = modeling.load_base_model(recipe.model, labels)
+    base, fresh = modeling.load_base_model(recipe.model, labels, modeling.compute_dtype(recipe.train))
     _, base_parameters = modeling.count_parameters(base)
     model = modeling.attach_method(base, recipe, fresh)
     trainable, total = modeling.count_parameters(model)
@@ -195,7 +195,7 @@ def train(
         "model_memory_mb": round(modeling.memory_footprint(model) / 2**20, 2),
         "weights_mb": round(_size_on_disk(weights) / 2**20, 3),
         "standalone_model_mb": round(_standalone_bytes(model, base_parameters, METHODS[recipe.method]) / 2**20, 3),
-        "load_in_8bit": recipe.model.load_in_8bit,
+        "quantization": recipe.model.quantization,
         "device": str(args.device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": library_versions(),

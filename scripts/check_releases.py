@@ -39,7 +39,7 @@ DIRECT = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datase
 RUNS = [
     ("full", ["method=full"], 0.8625),
     ("lora", ["method=lora"], 0.8542),
-    ("lora-8bit", ["method=lora", "model.load_in_8bit=true"], 0.8625),
+    ("lora-8bit", ["method=lora", "model.quantization=8bit"], 0.8625),
     ("prefix", ["method=prefix"], 0.7583),
     ("prompt", ["method=prompt"], 0.8708),
     ("ia3", ["method=ia3"], 0.6417),

@@ -61,7 +61,7 @@ def runs(tmp_path_factory, tiny_models, reviews):
         "prefix": ["method=prefix"],
         # Every linear layer adapted, at a high rate: deltas large enough that merging into int8 re-quantizes visibly.
         "lora8": [
-            "model.load_in_8bit=true",
+            "model.quantization=8bit",
             "train.num_train_epochs=3",
             "lora.learning_rate=3e-2",
             "lora.target_modules=all-linear",

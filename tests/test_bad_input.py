@@ -78,7 +78,9 @@ CASES: dict[str, Case] = {
     "LoRA+ ratio below one": (lambda w: ["validate", w.recipe, "lora.loraplus_lr_ratio=0.5"], "at least 1"),
     "LoRA+ ratio in another block": (lambda w: ["validate", w.recipe, "ia3.loraplus_lr_ratio=16"], "loraplus"),
     "unknown pooling": (lambda w: ["validate", w.recipe, "model.pooling=max"], "should be 'cls' or 'mean'"),
-    "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.load_in_8bit=true"), "8-bit"),
+    "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.quantization=8bit"), "8bit weights"),
+    "full fine-tuning in 4-bit": (lambda w: train(w, "method=full", "model.quantization=4bit"), "4bit weights"),
+    "unknown quantization": (lambda w: ["validate", w.recipe, "model.quantization=3bit"], "'none', '8bit' or '4bit'"),
     "projected prefixes with the best checkpoint kept": (
         lambda w: train(
             w,
@@ -125,7 +127,7 @@ CASES: dict[str, Case] = {
         "set data.max_length to 492 or less",
     ),
     "8-bit without bitsandbytes": (
-        lambda w: train(w, "model.load_in_8bit=true"),
+        lambda w: train(w, "model.quantization=8bit"),
         "needs a working bitsandbytes",
         lambda monkeypatch: monkeypatch.setitem(sys.modules, "bitsandbytes", None),
     ),

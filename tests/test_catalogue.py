@@ -11,7 +11,7 @@ from peftune.errors import PeftuneError
 from peftune.recipe import check_passthrough, load_recipe, recipes_dir, shipped_recipes
 
 SWITCHES = {"full": ["method=full"], "lora": ["method=lora"], "prefix": ["method=prefix"],
-            "lora-8bit": ["model.load_in_8bit=true"]}  # fmt: skip
+            "lora-8bit": ["model.quantization=8bit"]}  # fmt: skip
 # The recipes users expect, on the Hub ids they would use, and the architecture of each base model.
 HUB_RECIPES = {
     "imdb-bert": ("google-bert/bert-base-cased", "bert"),

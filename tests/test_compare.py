@@ -33,10 +33,10 @@ def test_rows_carry_each_runs_recorded_values(runs):
         assert row["trainable_parameters"] == metrics["trainable_parameters"]
         assert row["trainable_share"] == pytest.approx(100 * metrics["trainable_share"], abs=1e-4)
         for key in ("train_runtime_s", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb",
-                    "weights_mb", "standalone_model_mb", "load_in_8bit", "device"):  # fmt: skip
+                    "weights_mb", "standalone_model_mb", "quantization", "device"):  # fmt: skip
             assert row[key] == metrics[key] and metrics[key] is not None, key
         assert row["eval_f1"] == metrics["eval"]["f1"] and row["eval_loss"] == metrics["eval"]["loss"]
-    by_method = {row["method"] + ("8" if row["load_in_8bit"] else ""): row for row in rows}
+    by_method = {row["method"] + ("8" if row["quantization"] == "8bit" else ""): row for row in rows}
     # What the comparison is for: adapters train a small share, and their weights on disk are smaller.
     assert by_method["full"]["trainable_share"] == pytest.approx(100)
     for adapter in ("lora", "prefix", "lora8"):
@@ -123,12 +123,17 @@ def test_plan_drops_settings_that_do_not_apply(tiny_models, reviews, tmp_path):
         ("method=lora,lora.r=4", None),
         ("method=prefix", None),
     ]
-    plans = plan(recipe, ["method=full,lora", "model.load_in_8bit=false,true"])
+    plans = plan(recipe, ["method=full,lora", "model.quantization=none,4bit"])
     assert [(p.name, p.skipped) for p in plans] == [
-        ("method=full,model.load_in_8bit=false", None),
-        ("method=full,model.load_in_8bit=true", "full fine-tuning cannot train 8-bit weights"),
-        ("method=lora,model.load_in_8bit=false", None),
-        ("method=lora,model.load_in_8bit=true", None),
+        ("method=full,model.quantization=none", None),
+        ("method=full,model.quantization=4bit", "full fine-tuning cannot train 4bit weights"),
+        ("method=lora,model.quantization=none", None),
+        ("method=lora,model.quantization=4bit", None),
+    ]
+    # The spelling before 0.2 is understood too.
+    plans = plan(recipe, ["method=full", "model.load_in_8bit=true"])
+    assert [(p.name, p.skipped) for p in plans] == [
+        ("method=full,model.load_in_8bit=true", "full fine-tuning cannot train 8bit weights")
     ]
     albert = tmp_path / "albert"  # an architecture prefix tuning does not reach
     albert.mkdir()

@@ -30,9 +30,9 @@ def test_reload_gives_the_same_logits(tmp_path, tiny_models, reviews, arch, meth
 def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
     import bitsandbytes as bnb
 
-    run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, "model.load_in_8bit=true")
+    run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, "model.quantization=8bit")
     metrics = run.read_metrics()
-    assert metrics["load_in_8bit"] is True
+    assert metrics["quantization"] == "8bit"
     model, _, _ = load_run(run)
     int8 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert int8, "the base's linear layers are int8"
@@ -48,7 +48,7 @@ def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
 
 def test_8bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews):
     run, recorder = train_tiny(
-        tmp_path, tiny_bert, reviews, "model.load_in_8bit=true", "train.gradient_checkpointing=true"
+        tmp_path, tiny_bert, reviews, "model.quantization=8bit", "train.gradient_checkpointing=true"
     )
     assert recorder.moved and run.is_complete()
 
@@ -91,14 +91,14 @@ def test_prefix_with_projection(tmp_path, tiny_bert, reviews):
 
 def test_8bit_full_fine_tuning_is_refused(tmp_path, tiny_bert, reviews):
     recipe_file = tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)
-    with pytest.raises(PeftuneError, match="8-bit weights cannot be trained in full; use method=lora"):
-        load_recipe(str(recipe_file), ["model.load_in_8bit=true", "method=full"])
+    with pytest.raises(PeftuneError, match="8bit weights cannot be trained in full; use method=lora"):
+        load_recipe(str(recipe_file), ["model.quantization=8bit", "method=full"])
 
 
 def test_8bit_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_bert, reviews, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)), ["model.load_in_8bit=true"])
-    with pytest.raises(PeftuneError, match=r"model\.load_in_8bit needs a working bitsandbytes"):
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)), ["model.quantization=8bit"])
+    with pytest.raises(PeftuneError, match=r"model\.quantization=8bit needs a working bitsandbytes"):
         check_model(recipe, load_config(recipe.model))
 
 

@@ -43,7 +43,7 @@ def test_eight_bit_weights_by_hand(tiny_bert, reviews, tmp_path):
     """Tiny BERT (hidden 32, intermediate 37, two layers): the linear layers outside the head and pooler go to int8."""
     recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
     fp32 = estimate(load_recipe(recipe))
-    int8 = estimate(load_recipe(recipe, ["model.load_in_8bit=true"]))
+    int8 = estimate(load_recipe(recipe, ["model.quantization=8bit"]))
     per_layer = 4 * 32 * 32 + 2 * 32 * 37  # query, key, value, attention output; intermediate and output
     rows_per_layer = 4 * 32 + 37 + 32
     weights, rows = 2 * per_layer, 2 * rows_per_layer  # two layers; the pooler is trained in full with the head
@@ -55,6 +55,34 @@ def test_eight_bit_weights_by_hand(tiny_bert, reviews, tmp_path):
     # Batch 8 x 32 tokens, float32.
     kept = 2 * 8 * 32 * (32 + 32 + 32 + 37) * 4
     assert int8.activations - fp32.activations == kept
+
+
+def test_four_bit_weights_by_hand(tiny_bert, reviews, tmp_path):
+    """NF4 with double quantization: half a byte a weight, a one-byte scale per block of 64 weights, and a float32
+    scale per 256 of those; its matmuls keep no input for the backward pass, so the activations are float's."""
+    recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
+    fp32 = estimate(load_recipe(recipe))
+    nf4 = estimate(load_recipe(recipe, ["model.quantization=4bit"]))
+    square = 32 * 32 // 2 + 32 * 32 // 64 + 4  # query, key, value, attention output: 1,024 weights each
+    wide = 32 * 37 // 2 + math.ceil(32 * 37 / 64) + 4  # intermediate and output: 1,184 weights each
+    quantized_bytes = 2 * (4 * square + 2 * wide)  # two layers; the pooler is trained in full with the head
+    float_bytes = 2 * (4 * 32 * 32 + 2 * 32 * 37) * 4
+    assert fp32.weights - nf4.weights == float_bytes - quantized_bytes
+    assert nf4.activations == fp32.activations and nf4.trainable == fp32.trainable
+    assert nf4.method == "lora-4bit"
+
+
+def test_four_bit_plan_matches_the_loaded_model(tiny_bert, reviews, tmp_path):
+    from peftune.data import Labels
+    from peftune.modeling import load_base_model, memory_footprint
+
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews)), ["model.quantization=4bit"])
+    planned = estimate(load_recipe(str(tmp_path / "r.yaml"), ["model.quantization=4bit", "method=lora"]))
+    model, fresh = load_base_model(recipe.model, Labels(names=("negative", "positive")))
+    from peftune.modeling import attach_method
+
+    loaded = memory_footprint(attach_method(model, recipe, fresh))
+    assert planned.weights == pytest.approx(loaded, rel=0.01)
 
 
 def test_activations_scale_with_the_batch_and_checkpointing_saves_them(tiny_bert, reviews, tmp_path):
@@ -101,7 +129,7 @@ def test_plan_command(tiny_models, reviews, tmp_path):
     result = CliRunner().invoke(main, ["plan", recipe])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines[2:]] == ["full", "lora", "lora-8bit", "prefix"]
+    assert [line.split()[0] for line in lines[2:]] == ["full", "lora", "lora-8bit", "lora-4bit", "prefix"]
     assert lines[1].split()[-8:] == ["8", "GB", "12", "GB", "16", "GB", "24", "GB"]
     assert "up to" in lines[2]
 

@@ -91,7 +91,7 @@ def test_override_values_are_yaml(tmp_path):
             "data.labels=[neg, pos]",
             "data.max_train_samples=null",
             "data.files.train=train.csv",
-            "model.load_in_8bit=true",
+            "model.quantization=4bit",
             "description=a run with spaces",
         ],
     )
@@ -99,7 +99,7 @@ def test_override_values_are_yaml(tmp_path):
     assert recipe.data.labels == ["neg", "pos"]
     assert recipe.data.max_train_samples is None
     assert recipe.data.files == {"train": str(Path.cwd() / "train.csv")}, "override paths are relative to cwd"
-    assert recipe.model.load_in_8bit is True
+    assert recipe.model.quantization == "4bit"
     assert recipe.description == "a run with spaces"
 
 
@@ -134,9 +134,15 @@ def test_relative_data_files_are_relative_to_the_recipe(tmp_path):
     [
         (MINIMAL + "data2: 1\n", [], "unknown recipe key data2 (did you mean 'data'?)"),
         (MINIMAL, ["data.max_lenght=64"], "unknown recipe key data.max_lenght (did you mean 'max_length'?)"),
-        (MINIMAL, ["model.load_in_8bits=true"], "did you mean 'load_in_8bit'?"),
+        (MINIMAL, ["model.quantisation=8bit"], "did you mean 'quantization'?"),
         (MINIMAL, ["data.max_length=long"], "recipe key data.max_length: input should be a valid integer"),
-        (MINIMAL, ["model.load_in_8bit=yes"], "recipe key model.load_in_8bit: input should be a valid boolean"),
+        (
+            MINIMAL,
+            ["model.quantization=3bit"],
+            "recipe key model.quantization: input should be 'none', '8bit' or '4bit'",
+        ),
+        (MINIMAL, ["model.load_in_8bit=yes"], "model.load_in_8bit must be true or false"),
+        (MINIMAL, ["model.load_in_8bit=true", "model.quantization=4bit"], "contradicts model.quantization=4bit"),
         (MINIMAL, ["method=adapter"], "recipe key method: unknown method 'adapter'; use one of: full, lora, prefix"),
         (MINIMAL, ["data.text_columns=[a, b, c]"], "recipe key data.text_columns"),
         (MINIMAL, ["data.files.train=3"], "recipe key data.files.train"),

@@ -15,7 +15,8 @@ from peftune.recipe import Recipe, check_passthrough, load_recipe
 
 # Real key names mixed with noise, so that generated recipes get past the first checks often enough.
 KEYS = ["name", "description", "seed", "model", "data", "method", "full", "lora", "prefix", "prompt", "ia3", "train",
-        "metrics", "output_dir", "name_or_path", "revision", "load_in_8bit", "trust_remote_code", "source", "files",
+        "metrics", "output_dir", "name_or_path", "revision", "load_in_8bit", "quantization", "trust_remote_code",
+        "source", "files",
         "options", "text_columns", "label_column", "labels", "problem_type", "max_length", "validation_size",
         "r", "lora_alpha", "learning_rate", "num_train_epochs", "num_virtual_tokens", "eval_strategy"]  # fmt: skip
 SCALARS = (
@@ -36,7 +37,7 @@ NEAR_VALID = st.fixed_dictionaries(
     {
         "model": st.fixed_dictionaries(
             {"name_or_path": st.just("some-org/some-model") | SCALARS},
-            optional={"load_in_8bit": SCALARS, "revision": SCALARS, "allow_pickle": SCALARS},
+            optional={"load_in_8bit": SCALARS, "quantization": SCALARS, "revision": SCALARS, "allow_pickle": SCALARS},
         ),
         "data": st.fixed_dictionaries(
             {"source": st.just("some-dataset") | SCALARS},
@@ -53,7 +54,8 @@ NEAR_VALID = st.fixed_dictionaries(
         "name": SCALARS,
     },
 )
-OVERRIDE_KEYS = ["seed", "method", "name", "model.name_or_path", "model.load_in_8bit", "data.max_length",
+OVERRIDE_KEYS = ["seed", "method", "name", "model.name_or_path", "model.load_in_8bit", "model.quantization",
+                 "data.max_length",
                  "data.labels", "data.text_columns", "data.files.train", "lora.r", "lora.target_modules",
                  "prefix.num_virtual_tokens", "train.num_train_epochs", "train.learning_rate", "train.warmup_steps",
                  "train.eval_strategy", "metrics", "data.validation_size"]  # fmt: skip

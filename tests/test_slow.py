@@ -39,11 +39,11 @@ def test_sst2_full_runs_with_its_own_learning_rate(tmp_path, data_dir):
     assert metrics["eval"]["accuracy"] >= 0.8
 
 
-@pytest.mark.parametrize("overrides", [["method=prefix"], ["model.load_in_8bit=true"]], ids=["prefix", "lora-8bit"])
+@pytest.mark.parametrize("overrides", [["method=prefix"], ["model.quantization=8bit"]], ids=["prefix", "lora-8bit"])
 def test_sst2_prefix_and_8bit_lora_complete(tmp_path, data_dir, overrides):
     metrics = train(load_recipe("sst2-minilm", [*SHORT, *overrides]), output_dir=tmp_path / "run").read_metrics()
     assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
-    assert metrics["load_in_8bit"] == ("model.load_in_8bit=true" in overrides)
+    assert metrics["quantization"] == ("8bit" if "model.quantization=8bit" in overrides else "none")
     assert metrics["eval"]["accuracy"] >= 0.75, "clearly learned (chance is 0.51)"
 
 
