@@ -304,10 +304,10 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.model.quantized:
+        # peft refuses to add prefixes to a model that already checkpoints; Trainer turns checkpointing on later.
+        checkpointing = bool(recipe.train.get("gradient_checkpointing")) and not method.attention_prefix
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing")),
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     trained = head_modules(model, fresh, pooler=method.trains_pooler)
     config = method.peft_config(recipe.method_block, model=model, modules_to_save=trained)

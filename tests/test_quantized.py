@@ -164,3 +164,12 @@ def test_load_in_8bit_still_works_and_says_what_replaced_it(tmp_path, tiny_bert,
     assert recipe.model.quantization == "8bit"
     assert "model.load_in_8bit is deprecated: write model.quantization: 8bit instead" in caplog.text
     assert "load_in_8bit" not in recipe.to_yaml(), "the saved recipe has the new key only"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+def test_four_bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews, method):
+    run, recorder = train_tiny(
+        tmp_path, tiny_bert, reviews, f"method={method}", "model.quantization=4bit", "train.gradient_checkpointing=true"
+    )
+    assert recorder.moved
+    assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-4
