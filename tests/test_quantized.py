@@ -50,6 +50,10 @@ def saved_head(folder) -> dict[str, torch.Tensor]:
 CASES = [(a, m, "4bit", same) for a in ARCHS for m in ("lora", "prefix", "ia3") for same in (True, False)]
 CASES += [(a, "lora", q, same) for a in ("bert", "roberta") for q in ("8bit", "none") for same in (True, False)]
 CASES += [("roberta", "ia3", "none", True), ("deberta-v2", "ia3", "8bit", False)]  # heads of several layers
+# The rest of the grid (every architecture, method, base and label case): `python -m pytest -m slow`.
+GRID = [(a, m, q, same) for a in ARCHS for m in ("lora", "prefix", "ia3") for q in ("none", "8bit", "4bit")
+        for same in (True, False)]  # fmt: skip
+CASES += [pytest.param(*case, marks=pytest.mark.slow) for case in GRID if case not in CASES]
 
 
 @pytest.mark.parametrize(("arch", "method", "quantization", "same_labels"), CASES)
