@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from peftune import __version__
 from peftune.errors import PeftuneError
+
+if TYPE_CHECKING:
+    from peftune.recipe import Recipe
+    from peftune.rundir import RunDir
 
 
 class _Group(click.Group):
@@ -42,10 +46,34 @@ class _Group(click.Group):
 def main(debug: bool, quiet: bool) -> None:
     """Fine-tune text classifiers: full fine-tuning, LoRA and prefix tuning, from YAML recipes."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:
+        _quiet_libraries()
     # Library chatter: transformers' load reports (peftune logs the new modules itself), and bitsandbytes'
     # note on every int8 matmul that fp32 inputs are cast to fp16, which is how its int8 kernels work.
     for noisy in ("transformers", "datasets", "peft", "accelerate", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """What the libraries say that a user of peftune cannot act on, off (`--debug` keeps it all).
+
+    transformers' load report lists the head as missing on every load (peftune logs what is new itself), its
+    progress bars for loading and writing weights and datasets' for reading files redraw into logs, and their
+    FutureWarnings are about their own internals.
+    """
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # The variables are read on import; where a library is imported already (peftune called from Python):
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -68,9 +96,11 @@ def recipes_command() -> None:
 @overrides_argument
 def show_command(recipe: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved RECIPE (a shipped name or a YAML path) with every default filled in."""
-    from peftune.recipe import load_recipe
+    from peftune.recipe import check_passthrough, load_recipe
 
-    click.echo(load_recipe(recipe, overrides).to_yaml(), nl=False)
+    resolved = load_recipe(recipe, overrides)
+    check_passthrough(resolved)  # the keys handed to peft and Trainer too: a typo is not a recipe to show
+    click.echo(resolved.to_yaml(), nl=False)
 
 
 @main.command("copy")
@@ -128,20 +158,30 @@ def train_command(
     from peftune.train import train
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, only the main process reports
-    resolved = load_recipe(recipe, overrides)
+
+    def announce(resolved: Recipe, run: RunDir) -> None:  # once the recipe and the folder are checked
+        if main_process:
+            click.echo(resolved.to_yaml())
+            click.echo(f"run folder: {run.path}", err=True)
+
+    run = train(load_recipe(recipe, overrides), output_dir=output_dir, overrides=overrides, overwrite=overwrite,
+                resume=resume, fit=fit, announce=announce)  # fmt: skip
     if main_process:
-        click.echo(resolved.to_yaml())
-    run = train(resolved, output_dir=output_dir, overrides=overrides, overwrite=overwrite, resume=resume, fit=fit)
-    if not main_process:
-        return
-    record = run.read_metrics()
+        click.echo("\n" + summary_line(run.read_metrics()))
+        click.echo(f"run folder: {run.path}")
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """`name: metric value on N eval examples (method on its base, trainable parameters, time, epoch)`."""
     primary = record["primary_metric"]
-    click.echo(
-        f"\n{record['name']}: {primary['name']} {primary['value']:.4f} on {record['eval_samples']} eval examples "
-        f"({record['method']}, {record['trainable_parameters']:,} trainable parameters, "
-        f"{record['train_runtime_s']:.0f} s)"
+    base = {"8bit": " on an 8-bit base", "4bit": " on a 4-bit base"}.get(record.get("quantization", "none"), "")
+    epoch = primary.get("epoch")
+    where = f", epoch {epoch:g}" if isinstance(epoch, int | float) else ""
+    return (
+        f"{record['name']}: {primary['name']} {primary['value']:.4f} on {record['eval_samples']} eval examples "
+        f"({record['method']}{base}, {record['trainable_parameters']:,} trainable parameters, "
+        f"{record['train_runtime_s']:.0f} s{where})"
     )
-    click.echo(f"run folder: {run.path}")
 
 
 @main.command("eval")

@@ -190,7 +190,9 @@ def _cell(value: Any, key: str) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if key in ("metric", "trainable_share"):
+        if key == "metric":
             return f"{value:.4f}"
+        if key == "trainable_share":  # three significant digits: 100, 1.26, 0.0412
+            return f"{value:.3g}"
         return f"{value:,.1f}"
     return str(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,12 @@ def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
 
     wrapper = Logits().eval()
     axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns that Python values (shapes, the prefix length) become constants and that the graph
+        # "might not generalize": the exported graph is checked against PyTorch right after, at other shapes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Its note that index operators give wrong results for negative indices: the model uses none (the check).
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         # The TorchScript exporter: the dynamo one writes invalid graphs for prefix-tuned models today.
         torch.onnx.export(
             wrapper, tuple(example[n] for n in names), str(path), input_names=names, output_names=["logits"],

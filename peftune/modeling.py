@@ -204,7 +204,7 @@ def load_base_model(
     new_keys = set(info["missing_keys"]) | {_key_of(k) for k in info["mismatched_keys"]}
     fresh = fresh_modules(model, new_keys)
     if fresh:
-        log.info("newly initialised (trained in full): %s", ", ".join(fresh))
+        log.debug("newly initialised: %s", ", ".join(fresh))
     if spec.quantized:
         _check_full_precision(model, fresh)
         _no_cpu_packing(model)

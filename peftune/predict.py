@@ -14,6 +14,8 @@ import numpy as np
 from peftune.data import Labels, read_table
 from peftune.errors import PeftuneError
 from peftune.modeling import LoadedModel, load_target
+from peftune.recipe import Recipe, load_recipe
+from peftune.rundir import RECIPE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +104,15 @@ def predict_file(
         raise PeftuneError(f"cannot write {output}: the output must end in {', '.join(OUTPUT_FORMATS)}")
     if output.resolve() == Path(input_path).resolve():
         raise PeftuneError(f"{output} is also the input file; write the predictions to another file")
-    loaded = load_target(target)
-    columns = list(text_columns) or (loaded.recipe.data.text_columns if loaded.recipe else ["text"])
+    # The file and its columns first: loading the model takes seconds, reading the file's header does not.
     table = read_table(input_path)
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise PeftuneError(
-            f"{input_path} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
-            "name the text columns with --text-column"
-        )
+    known = _local_recipe(target)
+    columns = list(text_columns) or (known.data.text_columns if known else [])
+    _check_columns(table, columns, input_path)
+    loaded = load_target(target)
+    if not columns:  # a Hub target: its recipe, if any, came with it
+        columns = loaded.recipe.data.text_columns if loaded.recipe else ["text"]
+        _check_columns(table, columns, input_path)
     _check_pairs(loaded, len(columns) == 2)
     texts = [_text(value, columns[0], i) for i, value in enumerate(table[columns[0]])]
     pairs = [_text(value, columns[1], i) for i, value in enumerate(table[columns[1]])] if len(columns) == 2 else None
@@ -121,6 +123,21 @@ def predict_file(
     _write(partial, table.to_list(), records, loaded.labels)
     partial.replace(output)
     return len(records)
+
+
+def _local_recipe(target: str | Path) -> Recipe | None:
+    """The recipe kept in a local run or model folder, read without loading the model; None elsewhere."""
+    recipe_file = Path(target).expanduser() / RECIPE_FILE
+    return load_recipe(str(recipe_file)) if recipe_file.is_file() else None
+
+
+def _check_columns(table: Any, columns: Sequence[str], input_path: str | Path) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise PeftuneError(
+            f"{input_path} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
+            "name the text columns with --text-column"
+        )
 
 
 def _write(path: Path, rows: list[dict], records: list[dict], labels: Labels) -> None:

@@ -245,12 +245,15 @@ class Recipe(_Strict):
         """Whether a run's saved recipe.yaml describes this recipe.
 
         The saved file is read back through the schema, so a key added to peftune since (with its default)
-        does not make an old run look different.
+        does not make an old run look different. The run's name and folder are where it went, not how it
+        trained: they are not compared.
         """
         try:
-            return load_recipe(str(path)).to_yaml() == self.to_yaml()
+            saved = load_recipe(str(path))
         except PeftuneError:
             return False
+        where = {"name": self.name, "output_dir": self.output_dir}  # where a run goes, not how it trains
+        return saved.model_copy(update=where).to_yaml() == self.to_yaml()
 
 
 # --- YAML ---------------------------------------------------------------------------------------------

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -28,9 +30,35 @@ SAMPLES = 128  # eval rows kept in the run folder for the checks of merge and ex
 LIBRARIES = ("peftune", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
 
 
-def default_run_dir(recipe: Recipe) -> Path:
-    """`output_dir` from the recipe, else `runs/<name>`."""
-    return Path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe.name
+# Overrides that choose where a run goes rather than how it trains.
+PLACEMENT_KEYS = ("name", "output_dir")
+
+
+def run_name(recipe: Recipe, overrides: Sequence[str] = ()) -> str:
+    """The run's name: the recipe's, followed by the settings the overrides changed, e.g. `quickstart-method-full`,
+    so that runs of one recipe with other settings land in folders of their own."""
+    settings = [o for o in overrides if o.partition("=")[0].strip() not in PLACEMENT_KEYS]
+    if not settings:
+        return recipe.name
+    text = "-".join(part for o in settings for part in o.split("=", 1))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    if len(slug) > 60:  # long values (paths, lists): shortened, and kept apart by a hash of the whole
+        slug = slug[:50].rstrip("-.") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{recipe.name}-{slug}"
+
+
+def default_run_dir(recipe: Recipe, overrides: Sequence[str] = ()) -> Path:
+    """`output_dir` from the recipe, else `runs/<run name>`."""
+    return Path(recipe.output_dir) if recipe.output_dir else Path("runs") / run_name(recipe, overrides)
+
+
+def placed(recipe: Recipe, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> tuple[Recipe, Path]:
+    """The recipe as the run records it, with the name and folder it uses (so that training the saved recipe
+    again targets the same folder), and that folder."""
+    if output_dir or recipe.output_dir:  # a folder the user chose
+        kept = str(output_dir) if output_dir else recipe.output_dir
+        return recipe.model_copy(update={"output_dir": kept}), Path(str(kept))
+    return recipe.model_copy(update={"name": run_name(recipe, overrides)}), default_run_dir(recipe, overrides)
 
 
 def train(
@@ -41,25 +69,31 @@ def train(
     callbacks: Sequence[Any] = (),
     resume: bool = False,
     fit: str | None = None,
+    announce: Callable[[Recipe, rundir.RunDir], Any] | None = None,
 ) -> rundir.RunDir:
     """Fine-tune the recipe's model on its data and write a complete run folder; return it.
 
     `resume` continues an interrupted run in the same folder from its last complete checkpoint (the recipe
     must be the one it started with). `callbacks` are `transformers.TrainerCallback`s handed to the Trainer.
+    `announce` is called with the recipe as the run records it once every check that needs no data or weights
+    has passed.
     """
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-    run = rundir.RunDir(Path(output_dir) if output_dir else default_run_dir(recipe))
+    recipe, folder = placed(recipe, overrides, output_dir)
+    run = rundir.RunDir(folder)
     fitted = None
     if fit is not None:  # choose batch size, accumulation and checkpointing for the memory budget first
         recipe, fitted = plan.fit(recipe, plan.parse_memory(fit), fit)
         log.info("fit %s: per-device batch %d, gradient accumulation %d, gradient checkpointing %s "
                  "(estimate %d MB)", fit, fitted["per_device_train_batch_size"], fitted["gradient_accumulation_steps"],
                  "on" if fitted["gradient_checkpointing"] else "off", fitted["estimate_mb"])  # fmt: skip
-    checkpoint = _resume_point(run, recipe, resume, overwrite)
-    check_passthrough(recipe)
+    check_passthrough(recipe)  # a mistake in the recipe first: before a clash of folders, before any output
     modeling.check_model(recipe, modeling.load_config(recipe.model))
+    checkpoint = _resume_point(run, recipe, resume, overwrite)
+    if announce is not None:
+        announce(recipe, run)
     set_seed(recipe.seed)
 
     tokenizer = modeling.load_tokenizer(recipe.model)
@@ -83,6 +117,8 @@ def train(
     trainable, total = modeling.count_parameters(model)
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", recipe.method, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)  # fmt: skip
+    if fresh:
+        log.info("new in this model, trained in full: %s", ", ".join(fresh))
 
     # Under torchrun or accelerate launch, every process trains its share; only the main one writes.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -107,6 +143,8 @@ def train(
         # Without CUDA, transformers 5 runs each launched process on its own unless told to use the CPU
         # backend (gloo): then the processes share the data and average their gradients.
         arguments.setdefault("use_cpu", True)
+    # Progress bars only where someone watches them: redrawn into a log file they leave escape codes behind.
+    arguments.setdefault("disable_tqdm", not sys.stderr.isatty())
     args = TrainingArguments(**arguments)
     sampler = None
     if recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
@@ -134,6 +172,7 @@ def train(
         compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
         callbacks=[*callbacks, _elapsed_time(seconds_before)],
     )
+    _log_lines(trainer)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     if checkpoint is not None:
@@ -151,6 +190,11 @@ def train(
         eval_metrics = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
         eval_metrics = _eval_metrics(trainer.evaluate())
+    reported_epoch = trainer.state.epoch  # the epoch whose weights the run keeps: the last, or the best one's
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    if best:
+        best_step = int(Path(best).name.removeprefix("checkpoint-"))
+        reported_epoch = next((h["epoch"] for h in history if h["step"] == best_step), reported_epoch)
 
     # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
     weights = run.weights_dir(METHODS[recipe.method].is_adapter)
@@ -170,7 +214,11 @@ def train(
         "base_model": recipe.model.name_or_path,
         "problem_type": labels.problem_type,
         "num_labels": labels.num_labels,
-        "primary_metric": {"name": primary, "value": eval_metrics.get(primary)},
+        "primary_metric": {
+            "name": primary,
+            "value": eval_metrics.get(primary),
+            "epoch": round(reported_epoch, 2) if reported_epoch is not None else None,
+        },
         "eval": eval_metrics,
         "eval_history": history,
         "trainable_parameters": trainable,
@@ -264,6 +312,38 @@ def _seconds_before(checkpoint: Path | None) -> float:
         return float(json.loads((checkpoint / ELAPSED_FILE).read_text())["train_seconds"]) if checkpoint else 0.0
     except (OSError, ValueError, KeyError):
         return 0.0
+
+
+def _log_lines(trainer: Any) -> None:
+    """Trainer's log entries as one plain line each, numbers as numbers (`step 50, epoch 2: loss 0.2449, ...`),
+    instead of the dictionaries of formatted strings its progress and printer callbacks write."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class Bars(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            pass  # the bars only; LogLines writes the entries
+
+    class LogLines(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = ", ".join(
+                f"{key} {_number(value)}" for key, value in logs.items() if key not in ("total_flos", "epoch")
+            )
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {state.global_step}, epoch {state.epoch or 0:.3g}: {shown}", file=sys.stderr)
+
+    had_bars = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bars:
+        trainer.add_callback(Bars())
+    trainer.add_callback(LogLines())
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _elapsed_time(before: float) -> Any:

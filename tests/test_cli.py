@@ -85,6 +85,86 @@ def test_train_prints_recipe_and_summary(in_tmp, tiny_bert, reviews):
     result = invoke("--quiet", "train", str(recipe), "method=full")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout.split("\n\n")[0])["method"] == "full", "the resolved recipe comes first"
-    assert "tiny: accuracy " in result.stdout and "run folder: runs/tiny" in result.stdout
-    assert (in_tmp / "runs" / "tiny" / "metrics.json").is_file()
+    assert "tiny-method-full: accuracy " in result.stdout and "run folder: runs/tiny-method-full" in result.stdout
+    assert "(full, " in result.stdout and ", epoch 1)" in result.stdout, "method, and the epoch the metric is from"
+    assert (in_tmp / "runs" / "tiny-method-full" / "metrics.json").is_file()
     assert_user_error(invoke("train", str(recipe), "method=full"), "already holds a complete run")
+
+
+def test_a_changed_setting_gets_its_own_folder_and_the_saved_recipe_returns_to_it(in_tmp, tiny_bert, reviews):
+    recipe = tiny.write_recipe(in_tmp / "tiny.yaml", tiny_bert, *reviews)
+    assert invoke("-q", "train", str(recipe)).exit_code == 0
+    assert invoke("-q", "train", str(recipe), "method=full").exit_code == 0, "not a clash with runs/tiny"
+    folder = in_tmp / "runs" / "tiny-method-full"
+    assert (in_tmp / "runs" / "tiny" / "metrics.json").is_file() and (folder / "metrics.json").is_file()
+    saved = yaml.safe_load((folder / "recipe.yaml").read_text())
+    assert saved["name"] == "tiny-method-full" and saved["method"] == "full" and saved["output_dir"] is None
+    assert_user_error(
+        invoke("train", str(folder / "recipe.yaml")), "runs/tiny-method-full already holds a complete run"
+    )
+    # A folder given on the command line is recorded, so the saved recipe goes back there too.
+    assert invoke("-q", "train", str(recipe), "seed=1", "--output-dir", "elsewhere").exit_code == 0
+    saved = yaml.safe_load((in_tmp / "elsewhere" / "recipe.yaml").read_text())
+    assert saved["output_dir"] == "elsewhere" and saved["name"] == "tiny"
+    assert_user_error(invoke("train", str(in_tmp / "elsewhere" / "recipe.yaml")), "elsewhere already holds")
+
+
+def test_a_mistake_is_reported_before_any_output_and_before_a_folder_clash(in_tmp, tiny_bert, reviews):
+    recipe = tiny.write_recipe(in_tmp / "tiny.yaml", tiny_bert, *reviews)
+    checkpoint = in_tmp / "runs" / "tiny" / "checkpoints" / "checkpoint-4"  # an interrupted run in the folder
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    result = invoke("train", str(recipe), "lora.rr=4")
+    assert_user_error(result, "rr")
+    assert "interrupted" not in result.stderr and result.stdout == "", "no recipe printed, no folder clash"
+    assert_user_error(invoke("show", str(recipe), "lora.rr=4"), "rr")
+    assert_user_error(invoke("train", str(recipe)), "holds an interrupted run")
+
+
+def test_summary_line_names_the_base_precision_and_the_epoch():
+    from peftune.cli import summary_line
+
+    primary = {"name": "accuracy", "value": 0.875, "epoch": 1.0}
+    record = {"name": "q", "primary_metric": primary, "eval_samples": 240, "method": "lora", "quantization": "8bit",
+              "trainable_parameters": 1234, "train_runtime_s": 12.3}  # fmt: skip
+    assert summary_line(record) == (
+        "q: accuracy 0.8750 on 240 eval examples (lora on an 8-bit base, 1,234 trainable parameters, 12 s, epoch 1)"
+    )
+    old = {**record, "primary_metric": {"name": "accuracy", "value": 0.875}}  # runs before the epoch was recorded
+    del old["quantization"]
+    assert summary_line(old).endswith("(lora, 1,234 trainable parameters, 12 s)")
+
+
+def test_the_commands_are_quiet(in_tmp, tiny_bert, reviews):
+    """What a user sees from train, predict, merge and export: no load reports, warnings, escape codes,
+    numbers as quoted strings, or notes about new modules at inference."""
+    recipe = tiny.write_recipe(in_tmp / "tiny.yaml", tiny_bert, *reviews)
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "peftune", *args], capture_output=True, text=True, cwd=in_tmp)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    said = run("train", str(recipe), "train.num_train_epochs=2")
+    assert "step 16, epoch 2: eval_loss " in said, "Trainer's log entries as plain lines"
+    said += run("predict", "runs/tiny-train.num_train_epochs-2", "--text", "Great battery.")
+    said += run("merge", "runs/tiny-train.num_train_epochs-2")
+    said += run("export", "runs/tiny-train.num_train_epochs-2", "--format", "onnx")
+    for noise in ("LOAD REPORT", "Warning", "\x1b[A", "': '", "newly initialised", "Traceback", "it/s]"):
+        assert noise not in said, noise
+
+
+def test_predict_checks_the_input_file_before_loading_the_model(in_tmp, monkeypatch, runs):
+    import peftune.predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(peftune.predict, "load_target", never)
+    (in_tmp / "reviews.csv").write_text("review,stars\nGreat,5\n")
+    output = str(in_tmp / "out.csv")
+    assert_user_error(invoke("predict", str(runs["lora"]), "--input", "missing.csv", "--output", output), "missing.csv")
+    assert_user_error(
+        invoke("predict", str(runs["lora"]), "--input", "reviews.csv", "--output", output), "has no column 'text'"
+    )
+    assert not (in_tmp / "out.csv").exists()

@@ -63,6 +63,7 @@ def test_every_format_renders_the_same_values(runs):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == row["run"] and cells[1] == row["method"]
         assert cells[4] == f"{row['metric']:.4f}" and cells[5] == f"{row['trainable_parameters']:,}"
+        assert cells[6] == f"{row['trainable_share']:.3g}" and cells[6] != "100.0000"
 
     table = render(rows, "table").splitlines()
     assert table[0].split()[:3] == ["run", "method", "base"] and len(table) == 1 + len(rows)
