@@ -180,7 +180,7 @@ def _card_body(
     }[library]
     label_text = ", ".join(f"`{n}`" for n in labels.names) if labels.names else "one regression score"
     if library == "peft":
-        id2label = json.dumps({i: name for i, name in labels.id2label.items()})
+        id2label = repr({int(i): name for i, name in labels.id2label.items()})  # a Python dict: integer ids
         usage = f"""```python
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer

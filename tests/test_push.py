@@ -73,6 +73,14 @@ def test_adapter_push_uploads_the_staged_folder_byte_for_byte(hub, runs, tmp_pat
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["accuracy"] == metrics["eval"]["accuracy"] and results["f1"] == metrics["eval"]["f1"]
     assert "AutoPeftModelForSequenceClassification" in card.text and "`negative`, `positive`" in card.text
+    # The card's code maps label names to integer ids, as transformers' configs need.
+    import ast
+
+    line = next(line for line in card.text.splitlines() if line.startswith("id2label = "))
+    id2label = ast.literal_eval(line.removeprefix("id2label = "))
+    assert id2label == {0: "negative", 1: "positive"} and {v: k for k, v in id2label.items()}["positive"] == 1
+    saved = json.loads(received["adapter_config.json"])["modules_to_save"]
+    assert len(saved) == len(set(saved)), "each module named once"
 
 
 def test_merged_push_public_on_a_branch(hub, runs):

@@ -159,6 +159,14 @@ def test_four_bit_computes_in_the_training_precision(tiny_bert):
     assert layer.weight.quant_state.quant_type == "nf4"
 
 
+def test_a_quantized_base_on_a_cpu_says_it_is_slow_once(tmp_path, tiny_bert, reviews, caplog):
+    with caplog.at_level("WARNING"):
+        train_tiny(tmp_path, tiny_bert, reviews, "model.quantization=4bit")
+    said = [r.getMessage() for r in caplog.records if "on a CPU trains slower" in r.getMessage()]
+    assert len(said) == int(not torch.cuda.is_available())
+    assert not said or "Set model.quantization=none" in said[0]
+
+
 def test_load_in_8bit_still_works_and_says_what_replaced_it(tmp_path, tiny_bert, reviews, caplog):
     from peftune.recipe import load_recipe
 
