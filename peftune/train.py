@@ -47,18 +47,15 @@ def run_name(recipe: Recipe, overrides: Sequence[str] = ()) -> str:
     return f"{recipe.name}-{slug}"
 
 
-def default_run_dir(recipe: Recipe, overrides: Sequence[str] = ()) -> Path:
-    """`output_dir` from the recipe, else `runs/<run name>`."""
-    return Path(recipe.output_dir) if recipe.output_dir else Path("runs") / run_name(recipe, overrides)
-
-
 def placed(recipe: Recipe, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> tuple[Recipe, Path]:
     """The recipe as the run records it, with the name and folder it uses (so that training the saved recipe
-    again targets the same folder), and that folder."""
+    again targets the same folder), and that folder: `--output-dir`, else the recipe's `output_dir`, else
+    `runs/<run name>`."""
     if output_dir or recipe.output_dir:  # a folder the user chose
         kept = str(output_dir) if output_dir else recipe.output_dir
         return recipe.model_copy(update={"output_dir": kept}), Path(str(kept))
-    return recipe.model_copy(update={"name": run_name(recipe, overrides)}), default_run_dir(recipe, overrides)
+    name = run_name(recipe, overrides)
+    return recipe.model_copy(update={"name": name}), Path("runs") / name
 
 
 def train(
