@@ -174,7 +174,9 @@ def train_command(
 def summary_line(record: dict[str, Any]) -> str:
     """`name: metric value on N eval examples (method on its base, trainable parameters, time, epoch)`."""
     primary = record["primary_metric"]
-    base = {"8bit": " on an 8-bit base", "4bit": " on a 4-bit base"}.get(record.get("quantization", "none"), "")
+    from peftune.recipe import ON_BASE
+
+    base = ON_BASE.get(record.get("quantization", "none"), "")
     epoch = primary.get("epoch")
     where = f", epoch {epoch:g}" if isinstance(epoch, int | float) else ""
     return (

@@ -23,7 +23,7 @@ from peftune import modeling, pooling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import Recipe, load_recipe
+from peftune.recipe import ON_BASE, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ print(classifier("A sentence to classify."))
 
 ## Training
 
-Method `{recipe.method}`{_base_text(recipe)}, \
+Method `{recipe.method}`{ON_BASE[recipe.model.quantization]}, \
 {metrics["train_samples"]:,} training examples, learning rate {metrics["learning_rate"]:g}, \
 {metrics["global_steps"]} optimizer steps in {metrics["train_runtime_s"]:.0f} s on {metrics["device"]} \
 ({metrics["dtype"]}), peak memory {metrics["peak_memory_mb"]:.0f} MB. Libraries: {versions}.
@@ -246,10 +246,6 @@ The resolved recipe (also in `recipe.yaml`):
 {yaml.safe_dump(_public_recipe(recipe), sort_keys=False).rstrip()}
 ```
 """
-
-
-def _base_text(recipe: Recipe) -> str:
-    return {"8bit": " on an 8-bit base", "4bit": " on a 4-bit (NF4) base"}.get(recipe.model.quantization, "")
 
 
 def _data_text(recipe: Recipe) -> str:

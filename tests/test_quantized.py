@@ -131,8 +131,8 @@ def test_placed_on_the_device_the_model_reports(tiny_bert, quantization):
     assert {t.device for t in tensors} == {expected}
 
 
-def test_four_bit_weights_take_about_an_eighth(tiny_models):
-    """NF4 with double quantization: half a byte a weight plus its block scales, against four bytes in float32."""
+def test_quantized_weights_take_less_memory_and_count_every_weight(tiny_models):
+    """The loaded model's weight memory falls from float32 to int8 to NF4; the parameter count stays the same."""
     labels = Labels(names=("a", "b"))
     sizes = {}
     for quantization in ("none", "8bit", "4bit"):
