@@ -19,11 +19,10 @@ from peftune import rundir
 from peftune.errors import PeftuneError
 from peftune.merge import DTYPES, merged_model
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, load_target
-from peftune.predict import batched_logits, input_length
+from peftune.modeling import LoadedModel, OnnxClassifier, load_target, require_onnx
+from peftune.predict import batched_logits
 
 FORMATS = ("onnx", "safetensors")
-ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch, float32
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,7 +39,7 @@ def export_model(
     if fmt == "onnx" and dtype != "float32":
         raise PeftuneError("ONNX export writes float32; leave --dtype out (or export safetensors in a half dtype)")
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx("ONNX export")
     source = Path(target)
     destination = Path(output) if output else source / f"export-{fmt}"
     if destination.exists():
@@ -52,7 +51,7 @@ def export_model(
     partial.mkdir(parents=True)
     try:
         if fmt == "onnx":
-            check = _export_onnx(loaded, partial / ONNX_FILE)
+            check = _export_onnx(loaded, partial / rundir.ONNX_FILE)
         else:
             import torch
 
@@ -79,14 +78,6 @@ def export_model(
     return destination, record
 
 
-def _require_onnx() -> None:
-    import importlib.util
-
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise PeftuneError(f"ONNX export needs {' and '.join(missing)}: pip install 'peftune[onnx]'")
-
-
 def _standalone(target: str | Path, fmt: str) -> LoadedModel:
     """The model to export: a full or merged model as loaded, an adapter run merged into its base."""
     path = Path(target)
@@ -103,7 +94,13 @@ def _standalone(target: str | Path, fmt: str) -> LoadedModel:
                 f"{run.adapter_dir} is already safetensors; export --format onnx for a standalone model"
             )
         return loaded
-    return load_target(target)
+    loaded = load_target(target)
+    if isinstance(loaded.model, OnnxClassifier):
+        raise PeftuneError(
+            f"{target} is already an ONNX export; export the run or merged folder it came from "
+            f"(its {rundir.EXPORT_FILE} names it)"
+        )
+    return loaded
 
 
 def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
@@ -137,30 +134,18 @@ def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
             dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False,
         )  # fmt: skip
     model.eval()  # the exporter puts the module back into the training mode the wrapper was created in
-    return _check_onnx(loaded, path, names, texts)
+    return _check_onnx(loaded, path, texts)
 
 
-def _check_onnx(loaded: LoadedModel, path: Path, names: list[str], texts: list[str]) -> dict[str, Any]:
+def _check_onnx(loaded: LoadedModel, path: Path, texts: list[str]) -> dict[str, Any]:
+    """The graph under onnxruntime against PyTorch, through the code `predict` runs on an export folder."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # The exporter drops inputs the graph does not use (DeBERTa-v3 has no token types): feed what it takes.
-    taken = {i.name for i in session.get_inputs()}
-    names = [n for n in names if n in taken]
-    expected = batched_logits(loaded, texts, _pairs(loaded, texts), batch_size=16)
-    got = []
-    for start in range(0, len(texts), 16):  # batches of other sizes and lengths than the traced example
-        chunk = texts[start : start + 16]
-        batch = loaded.tokenizer(
-            chunk,
-            *_pair_args(loaded, chunk),
-            padding=True,
-            truncation=True,
-            max_length=input_length(loaded),
-            return_tensors="np",
-        )  # as batched_logits cuts them
-        got.append(session.run(["logits"], {n: batch[n].astype(np.int64) for n in names})[0])
-    difference = float(np.abs(np.concatenate(got) - expected).max())
+    pairs = _pairs(loaded, texts)
+    expected = batched_logits(loaded, texts, pairs, batch_size=16)
+    # Batches of other sizes and lengths than the traced example.
+    exported = LoadedModel(OnnxClassifier(path), loaded.tokenizer, loaded.labels, loaded.recipe, [])
+    difference = float(np.abs(batched_logits(exported, texts, pairs, batch_size=16) - expected).max())
     check = {"runtime": f"onnxruntime {onnxruntime.__version__}", "samples": len(texts),
              "max_abs_logit_difference": difference, "tolerance": ONNX_TOLERANCE}  # fmt: skip
     if difference > ONNX_TOLERANCE:

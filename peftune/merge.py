@@ -86,7 +86,7 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
         "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    (partial / "README.md").write_text(_readme(recipe, reference.labels, record), encoding="utf-8")
+    (partial / rundir.CARD_FILE).write_text(_readme(recipe, reference.labels, record), encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)

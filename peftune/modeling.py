@@ -14,7 +14,7 @@ from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
 from peftune.recipe import ModelSpec, Recipe, load_recipe, local_path
-from peftune.rundir import LABELS_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
+from peftune.rundir import LABELS_FILE, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -381,6 +381,8 @@ def load_target(target: str | Path) -> LoadedModel:
     """Load what `eval`, `predict`, `merge` and `export` work on: a run folder, a model folder, or a Hub id."""
     path = Path(target).expanduser()
     if path.is_dir():
+        if (path / ONNX_FILE).is_file():
+            return _load_onnx_folder(path)
         if (path / "config.json").is_file():
             return _load_model_folder(path)
         if (path / RECIPE_FILE).is_file():
@@ -424,6 +426,54 @@ def _load_model_folder(path: Path) -> LoadedModel:
     samples_file = path / SAMPLES_FILE
     samples = RunDir(path).read_samples() if samples_file.is_file() else []
     return LoadedModel(model, load_tokenizer(str(path)), labels, recipe, samples)
+
+
+class OnnxClassifier:
+    """An exported `model.onnx` under onnxruntime, called like a transformers classifier: `model(**batch).logits`.
+
+    The graph holds everything the model computes (adapter, prefixes, pooling), so an ONNX export predicts
+    without torch weights, peft or peftune's hooks.
+    """
+
+    device = "cpu"
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # The exporter drops inputs the graph does not use (DeBERTa-v3 has no token types): feed what it takes.
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, **batch: Any) -> Any:
+        import numpy as np
+        import torch
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        feed = {name: np.asarray(batch[name].cpu(), dtype=np.int64) for name in self.input_names}
+        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
+
+
+def require_onnx(what: str, modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
+    """onnx and onnxruntime come with the `onnx` extra; say so when they are missing."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PeftuneError(f"{what} needs {' and '.join(missing)}: pip install 'peftune[onnx]'")
+
+
+def _load_onnx_folder(path: Path) -> LoadedModel:
+    require_onnx(f"{path} is an ONNX export; running it", ("onnxruntime",))
+    from transformers import AutoConfig
+
+    labels = (
+        Labels.read(path / LABELS_FILE)
+        if (path / LABELS_FILE).is_file()
+        else _labels_of(AutoConfig.from_pretrained(path))
+    )
+    recipe = load_recipe(str(path / RECIPE_FILE)) if (path / RECIPE_FILE).is_file() else None
+    samples = RunDir(path).read_samples() if (path / SAMPLES_FILE).is_file() else []
+    return LoadedModel(OnnxClassifier(path / ONNX_FILE), load_tokenizer(str(path)), labels, recipe, samples)
 
 
 def _load_hub_model(model_id: str) -> LoadedModel:

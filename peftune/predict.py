@@ -39,7 +39,7 @@ def batched_logits(
     encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
-    device = next(model.parameters()).device
+    device = model.device  # transformers and peft models have one, as does an ONNX export under onnxruntime
     out: np.ndarray | None = None
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="Predicting", unit="batch", disable=not progress or len(starts) < 2):

@@ -17,19 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftune import modeling, pooling, rundir
+from peftune import modeling, rundir
+from peftune.card import hub_place, model_card
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import ON_BASE, Recipe, load_recipe
+from peftune.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 RUN_FILES = (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.METRICS_FILE, rundir.SAMPLES_FILE)
-NOT_METRICS = {"loss"}
 
 
 @dataclass
@@ -95,17 +92,18 @@ def stage(
     else:
         weights, library = run.weights_dir(is_adapter=True), "peft"
     for file in sorted(weights.iterdir()):
-        if file.is_file() and file.name != "README.md":
+        if file.is_file() and file.name != rundir.CARD_FILE:
             shutil.copyfile(file, folder / file.name)
     for name in RUN_FILES:
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, folder / name)
-    if (folder / ADAPTER_CONFIG).is_file():  # the Hub copy names the base by its Hub id, not this machine's path
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if (folder / rundir.ADAPTER_CONFIG).is_file():  # the Hub copy names the base by its Hub id
+        config = json.loads((folder / rundir.ADAPTER_CONFIG).read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base_id or config["base_model_name_or_path"]
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    card = model_card(recipe, run.read_metrics(), Labels.read(run.labels_file), repo_id, library, base_id, license)
-    (folder / "README.md").write_text(card, encoding="utf-8")
+        (folder / rundir.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    labels = Labels.read(run.labels_file)
+    card = model_card(recipe, run.read_metrics(), labels, hub_place(repo_id), library, base_id, license)
+    (folder / rundir.CARD_FILE).write_text(card, encoding="utf-8")
     return folder
 
 
@@ -133,137 +131,6 @@ def hub_base_model(recipe: Recipe, given: str | None, echo: Callable[[str], Any]
         )
         return None
     return name
-
-
-def model_card(
-    recipe: Recipe,
-    metrics: dict[str, Any],
-    labels: Labels,
-    repo_id: str,
-    library: str,
-    base_id: str | None,
-    license: str | None,
-) -> str:
-    """README.md with YAML front matter (library, base model, pipeline tag, model-index) and usage."""
-    from huggingface_hub import EvalResult, ModelCardData
-
-    data = recipe.data
-    hub_dataset = data.source if data.source and data.files is None else None
-    dataset_name = hub_dataset or Path(str((data.files or {}).get("validation") or "local data")).name
-    where: dict[str, Any] = {"task_type": "text-classification", "dataset_type": hub_dataset or "custom",
-             "dataset_name": dataset_name, "dataset_config": data.config if hub_dataset else None,
-             "dataset_split": data.eval_split}  # fmt: skip
-    results = [
-        EvalResult(**where, metric_type=name, metric_value=value)
-        for name, value in metrics["eval"].items()
-        if name not in NOT_METRICS and isinstance(value, int | float)
-    ]
-    quantized = {"8bit": ["8-bit"], "4bit": ["4-bit"]}.get(recipe.model.quantization, [])
-    tags = ["peftune", "text-classification", recipe.method, *quantized]
-    card_data = ModelCardData(
-        library_name=library, base_model=base_id, pipeline_tag="text-classification", tags=tags,
-        datasets=[hub_dataset] if hub_dataset else None, license=license, model_name=repo_id.split("/")[1],
-        eval_results=results or None,
-    )  # fmt: skip
-    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(recipe, metrics, labels, repo_id, library, base_id)}"
-
-
-def _card_body(
-    recipe: Recipe, metrics: dict[str, Any], labels: Labels, repo_id: str, library: str, base_id: str | None
-) -> str:
-    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a local base model"
-    kind = "the merged model" if library == "transformers" and METHODS[recipe.method].is_adapter else None
-    what = {
-        "peft": f"A {recipe.method} adapter for {base}, with its classification head",
-        "transformers": f"A text classifier fine-tuned from {base}"
-        + (f" ({kind}: the {recipe.method} adapter folded into the weights)" if kind else ""),
-    }[library]
-    label_text = ", ".join(f"`{n}`" for n in labels.names) if labels.names else "one regression score"
-    if library == "peft":
-        id2label = repr({int(i): name for i, name in labels.id2label.items()})  # a Python dict: integer ids
-        usage = f"""```python
-from peft import AutoPeftModelForSequenceClassification
-from transformers import AutoTokenizer
-
-# peft rebuilds the head from the base model's config: pass the labels along.
-id2label = {id2label}
-model = AutoPeftModelForSequenceClassification.from_pretrained(
-    "{repo_id}", num_labels={labels.num_labels}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
-)
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
-```
-
-Or with peftune, which reads the labels from the repository: `peftune predict {repo_id} --text "..."`."""
-        if METHODS[recipe.method].attention_prefix:
-            usage += (
-                "\n\nStock peft runs prefix tuning through the model's `past_key_values`, which BERT, RoBERTa and "
-                "ELECTRA take up to transformers 5.23 only (DistilBERT and DeBERTa never did); peftune puts the "
-                "prefixes into attention itself and runs this adapter on any transformers 5 release."
-            )
-    else:
-        usage = f"""```python
-from transformers import pipeline
-
-classifier = pipeline("text-classification", model="{repo_id}")
-print(classifier("A sentence to classify."))
-```"""
-    if recipe.model.pooling == "mean":
-        usage += "\n\n" + pooling.USAGE_NOTE
-    primary = metrics["primary_metric"]
-    rows = "\n".join(
-        f"| {name} | {value:.4f} |" for name, value in metrics["eval"].items() if isinstance(value, int | float)
-    )
-    versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
-    return f"""# {repo_id.split("/")[1]}
-
-{what}, trained with [peftune](https://pypi.org/project/peftune/) on {_data_text(recipe)}.
-
-- Labels: {label_text}
-- {primary["name"]} on the eval split ({metrics["eval_samples"]} examples): **{primary["value"]:.4f}**
-- Trainable parameters: {metrics["trainable_parameters"]:,} of {metrics["total_parameters"]:,} \
-({100 * metrics["trainable_share"]:.2f}%)
-
-## Use it
-
-{usage}
-
-## Results
-
-| metric | value |
-|---|---|
-{rows}
-
-## Training
-
-Method `{recipe.method}`{ON_BASE[recipe.model.quantization]}, \
-{metrics["train_samples"]:,} training examples, learning rate {metrics["learning_rate"]:g}, \
-{metrics["global_steps"]} optimizer steps in {metrics["train_runtime_s"]:.0f} s on {metrics["device"]} \
-({metrics["dtype"]}), peak memory {metrics["peak_memory_mb"]:.0f} MB. Libraries: {versions}.
-
-The resolved recipe (also in `recipe.yaml`):
-
-```yaml
-{yaml.safe_dump(_public_recipe(recipe), sort_keys=False).rstrip()}
-```
-"""
-
-
-def _data_text(recipe: Recipe) -> str:
-    data = recipe.data
-    if data.source and data.files is None:
-        return f"`{data.source}`" + (f" (`{data.config}`)" if data.config else "")
-    return "local data files"
-
-
-def _public_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe for the card, without paths of this machine."""
-    raw = recipe.model_dump()
-    if raw["data"].get("files"):
-        raw["data"]["files"] = {split: Path(str(p)).name for split, p in raw["data"]["files"].items()}
-    name = raw["model"]["name_or_path"]
-    if name.startswith("pkg://") or os.path.isabs(name):
-        raw["model"]["name_or_path"] = Path(name).name
-    return raw
 
 
 def _merged_folder(run: rundir.RunDir) -> Path:

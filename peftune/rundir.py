@@ -18,12 +18,15 @@ RECIPE_FILE = "recipe.yaml"  # the fully resolved recipe
 LABELS_FILE = "labels.json"  # id2label / label2id and the problem type
 METRICS_FILE = "metrics.json"  # eval metrics, parameters, time, memory, versions; written last
 ADAPTER_DIR = "adapter"  # adapter methods: peft adapter with the classifier head, and the tokenizer
+ADAPTER_CONFIG = "adapter_config.json"  # in the adapter folder: peft's config, the base named portably
+CARD_FILE = "README.md"  # in the adapter folder, a merged folder and a Hub upload: the model card
 MODEL_DIR = "model"  # full fine-tuning: a standalone transformers model folder, and the tokenizer
 CHECKPOINTS_DIR = "checkpoints"  # Trainer checkpoints
 SAMPLES_FILE = "eval_samples.jsonl"  # eval rows kept so merge and export can check their output offline
 MERGED_DIR = "merged"  # `peftune merge`: a standalone model folder
 MERGE_FILE = "merge.json"  # in a merged folder: where it came from and how closely it matches the adapter
 EXPORT_FILE = "export.json"  # in an exported folder: format, dtype and the check against PyTorch
+ONNX_FILE = "model.onnx"  # in an ONNX export: the graph, which `predict` and `eval` run under onnxruntime
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class RunDir:
         A run pushed to the Hub keeps them at the top of the repository, where peft and transformers look.
         """
         folder = self.adapter_dir if is_adapter else self.model_dir
-        marker = self.path / ("adapter_config.json" if is_adapter else "config.json")
+        marker = self.path / (ADAPTER_CONFIG if is_adapter else "config.json")
         return self.path if not folder.is_dir() and marker.is_file() else folder
 
     @property

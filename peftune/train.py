@@ -18,11 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peftune import data, metrics, modeling, plan, rundir
+from peftune import card, data, metrics, modeling, plan, rundir
 from peftune.batching import LengthBucketSampler
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
-from peftune.recipe import Recipe, check_passthrough
+from peftune.recipe import Recipe, check_passthrough, local_path
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def train(
         log.info("rank %s of %d: eval %s", os.environ.get("RANK"), world_size, json.dumps(eval_metrics))
         return run
     (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
-    _each_module_once(weights / "adapter_config.json")
+    _tidy_adapter_config(weights / rundir.ADAPTER_CONFIG, recipe.model.name_or_path)
     run.write_json(rundir.LABELS_FILE, labels.to_json())
     columns = [*recipe.data.text_columns, recipe.data.label_column]
     samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
@@ -217,6 +217,7 @@ def train(
         "name": recipe.name,
         "method": recipe.method,
         "base_model": recipe.model.name_or_path,
+        "base_model_path": local_path(recipe.model.name_or_path, "model.name_or_path"),  # as read on this machine
         "problem_type": labels.problem_type,
         "num_labels": labels.num_labels,
         "primary_metric": {
@@ -256,6 +257,11 @@ def train(
         "recipe_sha256": recipe.sha256(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if METHODS[recipe.method].is_adapter:  # peft's README.md is an empty template: a card that says what this is
+        place = card.folder_place(recipe.name, weights, run.path)
+        base_id = None if modeling.is_local_model(recipe.model) else recipe.model.name_or_path
+        text = card.model_card(recipe, record, labels, place, "peft", base_id)
+        (weights / rundir.CARD_FILE).write_text(text, encoding="utf-8")
     run.write_json(rundir.METRICS_FILE, record)  # last: its presence marks the run complete
     return run
 
@@ -319,14 +325,17 @@ def _seconds_before(checkpoint: Path | None) -> float:
         return 0.0
 
 
-def _each_module_once(config_file: Path) -> None:
-    """peft adds the head's usual names to `modules_to_save` for classification; the saved list names each once."""
+def _tidy_adapter_config(config_file: Path, base_name: str) -> None:
+    """The saved adapter names its base as the recipe does (a Hub id, a pkg:// path), not by the folder it was
+    read from on this machine (metrics.json keeps that); peft adds the head's usual names to `modules_to_save`
+    for classification: the saved list names each once."""
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_name
     if isinstance(config.get("modules_to_save"), list):
         config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _log_lines(trainer: Any) -> None:

@@ -136,6 +136,36 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(runs, tmp_path, kind):
         assert np.abs(onnx_logits - torch_logits).max() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_predict_and_eval_run_an_onnx_export_like_the_run(runs, reviews, tmp_path, kind):
+    folder, _ = export_model(runs[kind], "onnx", output=tmp_path / "onnx")
+    assert not (folder / "model.safetensors").exists(), "the export has no torch weights to fall back on"
+    texts, _ = eval_texts(reviews)
+    from_run = predict_texts(runs[kind], texts, probabilities=True)
+    from_export = predict_texts(folder, texts, probabilities=True)
+    assert [p["label"] for p in from_export] == [p["label"] for p in from_run]
+    assert np.allclose([p["score"] for p in from_export], [p["score"] for p in from_run], atol=1e-5)
+    # predict's file path and eval read the export's recipe and labels as they read the run's.
+    predict_file(folder, reviews[1], tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", encoding="utf-8") as f:
+        assert [row["label"] for row in csv.DictReader(f)] == [p["label"] for p in from_run]
+    on_export = evaluate(folder, output=tmp_path / "e.json")["metrics"]
+    on_run = evaluate(runs[kind], output=tmp_path / "r.json")["metrics"]
+    assert on_export == pytest.approx(on_run, abs=1e-6)
+    message = one_line_error(export_model, folder, "safetensors", output=tmp_path / "again")
+    assert "already an ONNX export" in message and "export.json" in message
+
+
+def test_an_onnx_export_without_onnxruntime_says_which_extra(runs, tmp_path, monkeypatch):
+    import importlib.util
+
+    folder, _ = export_model(runs["full"], "onnx", output=tmp_path / "onnx")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    message = one_line_error(predict_texts, folder, ["Fine."])
+    assert "ONNX export" in message and "pip install 'peftune[onnx]'" in message
+
+
 def test_safetensors_export_in_a_chosen_dtype(runs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -256,3 +286,43 @@ def test_commands(runs, tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("error: prefix tuning adds trained vectors")
     result = runner.invoke(main, ["predict", str(runs["lora"])])
     assert result.exit_code == 2 and "give either --text" in result.output
+
+
+# --- the adapter folder -----------------------------------------------------------------------------------
+
+
+def test_the_adapter_folder_names_its_base_portably_and_its_card_loads_it(tmp_path, tiny_bert, reviews, monkeypatch):
+    """A base inside an installed package (as the quickstart's) is recorded as pkg://, not as this venv's path,
+    and the adapter's README.md is a card whose code loads the adapter to the logits peftune gives."""
+    import importlib
+    import re
+
+    import torch
+
+    site = tmp_path / "site"
+    shutil.copytree(tiny_bert, site / "tinybase" / "model")
+    (site / "tinybase" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", "pkg://tinybase/model", *reviews)
+    run = train(load_recipe(str(recipe_file)), output_dir=tmp_path / "run")
+
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "pkg://tinybase/model"
+    assert config["modules_to_save"] == sorted(set(config["modules_to_save"]))
+    metrics = run.read_metrics()
+    assert metrics["base_model"] == "pkg://tinybase/model"
+    assert metrics["base_model_path"] == str(site / "tinybase" / "model")
+
+    card = (run.adapter_dir / "README.md").read_text()
+    assert "More Information Needed" not in card and "library_name: peft" in card
+    assert f"**{metrics['primary_metric']['value']:.4f}**" in card and "`negative`, `positive`" in card
+    assert f"peftune predict {run.path}" in card and str(site) not in card
+    code = re.search(r"```python\n(.+?)```", card, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(code, namespace)  # the card's own snippet, as a user would paste it
+    model, tokenizer = namespace["model"].eval(), namespace["tokenizer"]
+    with torch.no_grad():
+        from_card = model(**tokenizer(NEW_TEXTS, padding=True, return_tensors="pt")).logits.numpy()
+    assert np.abs(from_card - batched_logits(load_target(run.path), NEW_TEXTS)).max() < 1e-5
+    assert model.config.id2label == {0: "negative", 1: "positive"}
