@@ -205,6 +205,15 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _sizes_are_positive(self) -> Recipe:
+        # peft accepts these in its configs and fails only when it builds the model, after the data is loaded.
+        for block, key in (("lora", "r"), ("prefix", "num_virtual_tokens"), ("prompt", "num_virtual_tokens")):
+            value = getattr(self, block, {}).get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{block}.{key} must be a whole number of at least 1, got {value!r}")
+        return self
+
+    @model_validator(mode="after")
     def _projected_prefixes_are_not_reloaded(self) -> Recipe:
         # Trainer would fail after the last epoch, loading the best checkpoint back.
         if self.train.get("load_best_model_at_end") and not METHODS[self.method].checkpoints_reload(self.method_block):
@@ -536,9 +545,16 @@ def _schema_message(err: ValidationError, raw: dict[str, Any]) -> str:
     if first["type"] == "missing":
         return f"recipe key {key} is required; add it to the recipe or pass {key}=..."
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in _BOUNDS:  # pydantic's "Input should be greater than 0", in our words
+        bound = next(iter(first.get("ctx", {}).values()), "")
+        return f"recipe key {key} must be {_BOUNDS[first['type']]} {bound}, got {first.get('input')!r}"
     if first["type"].endswith("_type") or first["type"] in ("literal_error", "string_pattern_mismatch"):
         return f"recipe key {key}: {message[0].lower()}{message[1:]}, got {first.get('input')!r}"
     return f"recipe key {key}: {message}" if loc else message
+
+
+_BOUNDS = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
+           "less_than_equal": "at most"}  # fmt: skip
 
 
 def _data_location(loc: tuple, raw: Any) -> tuple:

@@ -65,6 +65,15 @@ CASES: dict[str, Case] = {
     "misspelt nested key": (lambda w: ["validate", w.recipe, "data.max_lenght=3"], "did you mean 'max_length'?"),
     "wrong value type": (lambda w: ["validate", w.recipe, "seed=abc"], "seed: input should be a valid integer"),
     "value out of range": (lambda w: ["validate", w.recipe, "data.validation_size=1.5"], "validation_size"),
+    "length of zero, in our words": (
+        lambda w: ["validate", w.recipe, "data.max_length=0"],
+        "recipe key data.max_length must be greater than 0, got 0",
+    ),
+    "LoRA rank of zero": (lambda w: ["validate", w.recipe, "lora.r=0"], "lora.r must be a whole number of at least 1"),
+    "fractional prefix length": (
+        lambda w: ["validate", w.recipe, "method=prefix", "prefix.num_virtual_tokens=2.5"],
+        "prefix.num_virtual_tokens must be a whole number",
+    ),
     "override without =": (lambda w: ["validate", w.recipe, "lora.r"], "is not key=value"),
     "YAML syntax error": (lambda w: ["validate", w.file("broken.yaml")], "broken.yaml"),
     "duplicate YAML key": (lambda w: ["validate", w.file("dup.yaml")], "duplicate key 'seed'"),

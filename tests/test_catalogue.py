@@ -49,6 +49,17 @@ def test_every_recipe_says_what_it_does_and_how_to_run_it(name):
     assert any(f"peftune train {name}" in line for line in header)
 
 
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_recipe_that_scores_several_epochs_says_which_one_it_keeps(name):
+    recipe = load_recipe(name)
+    header = " ".join(line[1:].strip() for line in (recipes_dir() / f"{name}.yaml").read_text().splitlines()
+                      if line.startswith("#"))  # fmt: skip
+    if recipe.train["num_train_epochs"] < 2 or recipe.train["eval_strategy"] != "epoch":
+        return
+    kept = "the best" if recipe.train.get("load_best_model_at_end") else "the last"
+    assert f"Epoch kept: {kept}" in header, f"{name}.yaml's header must say that it keeps {kept} epoch"
+
+
 def test_the_catalogue_has_the_recipes_users_expect_and_their_offline_twins():
     for name, (model_id, _) in HUB_RECIPES.items():
         recipe = load_recipe(name)
