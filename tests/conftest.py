@@ -18,6 +18,27 @@ import pytest
 import tiny
 
 SHARED_DATA = Path(os.environ.get("PEFTUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_SKIP = "needs the real GLUE/IMDb files"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Why tests were skipped, one line per reason, without -rs: most often the real data is not beside the
+    checkout."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        key = DATA_SKIP if DATA_SKIP in reason else reason
+        reasons[key] = reasons.get(key, 0) + 1
+    for reason, count in reasons.items():
+        tests = f"{count} test{'s' if count > 1 else ''}"
+        if reason == DATA_SKIP:
+            terminalreporter.write_line(
+                f"skipped {tests} that need the real GLUE/IMDb files, not found in {SHARED_DATA}: "
+                "put ../shared/data beside the checkout or set PEFTUNE_DATA_DIR to the folder that holds them"
+            )
+        else:
+            terminalreporter.write_line(f"skipped {tests}: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +106,7 @@ def shared_data():
     def get(task: str) -> Path:
         folder = SHARED_DATA / task
         if not folder.is_dir():
-            pytest.skip(f"{folder} not present (real data lives beside the checkout, never in it)")
+            pytest.skip(f"{DATA_SKIP}: {folder} not present (real data lives beside the checkout, never in it)")
         return folder
 
     return get

@@ -51,10 +51,22 @@ def test_the_readme_states_the_locked_versions():
         assert f"{name} {pins[name]}" in section, f"the README's supported versions do not give {name} {pins[name]}"
 
 
-def test_ci_runs_the_readme_test_command_and_the_quickstart():
+def test_ci_runs_the_readme_test_command_and_walks_the_readme():
+    import importlib.util
+
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert readme_commands()[1] in ci.splitlines()
-    assert "peftune train quickstart" in ci and "ruff check" in ci and "ruff format --check" in ci
+    assert "python scripts/readme_walk.py" in ci.splitlines() and "ruff check" in ci and "ruff format --check" in ci
+    spec = importlib.util.spec_from_file_location("readme_walk", ROOT / "scripts" / "readme_walk.py")
+    assert spec is not None and spec.loader is not None
+    walk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(walk)
+    steps = [" ".join(["peftune", *args]) for _, args in walk.STEPS]
+    # Every `peftune train quickstart ...` the README suggests is a step of the walk, the quickstart first.
+    suggested = set(re.findall(r"`(peftune train quickstart[^`]*)`", (ROOT / "README.md").read_text(encoding="utf-8")))
+    assert steps[0] == "peftune train quickstart" and suggested and suggested <= set(steps), suggested - set(steps)
+    for command in ("predict", "eval", "merge", "export", "compare"):
+        assert any(step.startswith(f"peftune {command} ") for step in steps), command
 
 
 def test_wheel_ships_recipes_and_quickstart_data(tmp_path):
@@ -78,3 +90,16 @@ def test_wheel_ships_recipes_and_quickstart_data(tmp_path):
     shipped = {f"peftune/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
     assert shipped and shipped <= names
     assert {"peftune/quickstart/train.csv", "peftune/quickstart/validation.csv"} <= names
+
+
+def test_a_test_run_without_the_real_data_says_in_one_line_why_tests_were_skipped(tmp_path):
+    import os
+
+    missing = tmp_path / "no-data-here"
+    env = {**os.environ, "PEFTUNE_DATA_DIR": str(missing)}
+    command = [sys.executable, "-m", "pytest", "tests/test_catalogue.py", "-k", "twins_read", "-p", "no:cacheprovider"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    said = [line for line in done.stdout.splitlines() if "PEFTUNE_DATA_DIR" in line]
+    assert len(said) == 1 and str(missing) in said[0] and "../shared/data" in said[0], done.stdout[-2000:]
+    assert said[0].startswith("skipped ") and " tests that need the real GLUE/IMDb files" in said[0]
