@@ -132,7 +132,7 @@ def train(
     on_gpu = torch.cuda.is_available()
     if recipe.model.quantized and not on_gpu and main_process:
         log.warning(
-            "model.quantization=%s on a CPU trains slower than float32 (1.5 to 3 times in our runs: bitsandbytes "
+            "model.quantization=%s on a CPU trains slower than float32 (up to 1.5 times in our runs: bitsandbytes "
             "dequantizes the weights at every step) and saves little memory there; it pays on a GPU that cannot "
             "hold the float model. Set model.quantization=none to train in float32.",
             recipe.model.quantization,
