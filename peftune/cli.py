@@ -263,16 +263,27 @@ def merge_command(run: str, output: str | None, dtype: str) -> None:
 @main.command("export")
 @click.argument("target")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "safetensors"]), required=True)
-@click.option("--output", type=click.Path(), help="Folder to create (default: TARGET/export-FORMAT).")
+@click.option(
+    "--output",
+    type=click.Path(),
+    help="Folder to create (default: TARGET/export-FORMAT; ./NAME-export-FORMAT for a Hub id).",
+)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 def export_command(target: str, fmt: str, output: str | None, dtype: str) -> None:
-    """Export TARGET (a run folder or a merged folder) as ONNX or safetensors."""
+    """Export TARGET (a run folder, a merged folder, or a run pushed to the Hub) as ONNX or safetensors."""
     from peftune.export import export_model
 
     folder, record = export_model(target, fmt, output=output, dtype=dtype)
-    check = record["check"]
-    detail = f"; onnxruntime vs PyTorch max |logit difference| {check['max_abs_logit_difference']:.2e}" if check else ""
-    click.echo(f"exported {fmt} ({dtype}) to {folder}{detail}")
+    details = []
+    if record["merge_check"]:
+        details.append(
+            f"merged, vs the adapter max |logit difference| {record['merge_check']['max_abs_logit_difference']:.2e}"
+        )
+    if record["check"]:
+        details.append(
+            f"onnxruntime vs PyTorch max |logit difference| {record['check']['max_abs_logit_difference']:.2e}"
+        )
+    click.echo(f"exported {fmt} ({dtype}) to {folder}" + "".join(f"; {d}" for d in details))
 
 
 @main.command("compare")

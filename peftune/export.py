@@ -17,10 +17,11 @@ import numpy as np
 
 from peftune import rundir
 from peftune.errors import PeftuneError
-from peftune.merge import DTYPES, merged_model
+from peftune.merge import DTYPES, checked_merge
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, OnnxClassifier, load_target, require_onnx
+from peftune.modeling import LoadedModel, OnnxClassifier, load_target, pushed_run, require_onnx
 from peftune.predict import batched_logits
+from peftune.recipe import load_recipe
 
 FORMATS = ("onnx", "safetensors")
 ONNX_OPSET = 17
@@ -40,12 +41,16 @@ def export_model(
         raise PeftuneError("ONNX export writes float32; leave --dtype out (or export safetensors in a half dtype)")
     if fmt == "onnx":
         require_onnx("ONNX export")
-    source = Path(target)
-    destination = Path(output) if output else source / f"export-{fmt}"
+    local = Path(target).exists()
+    # A Hub id is a run `peftune push` uploaded (downloaded, records and all) or another model; the export of
+    # either goes to ./NAME-export-FORMAT.
+    source = Path(target) if local else pushed_run(str(target)) or Path(target)
+    default = source / f"export-{fmt}" if local else Path(f"{str(target).split('/')[-1]}-export-{fmt}")
+    destination = Path(output) if output else default
     if destination.exists():
         raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
 
-    loaded = _standalone(target, fmt)
+    loaded, merge_check = _standalone(source if source.exists() else target, fmt)
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -67,6 +72,7 @@ def export_model(
             "format": fmt,
             "dtype": dtype,
             "check": check,
+            "merge_check": merge_check,  # an adapter run merged on the way: against the adapter model, as `merge`
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (partial / rundir.EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -78,29 +84,29 @@ def export_model(
     return destination, record
 
 
-def _standalone(target: str | Path, fmt: str) -> LoadedModel:
-    """The model to export: a full or merged model as loaded, an adapter run merged into its base."""
+def _standalone(target: str | Path, fmt: str) -> tuple[LoadedModel, dict[str, Any] | None]:
+    """The model to export: a full or merged model as loaded, or an adapter run merged into its base and
+    checked as `merge` checks it; with the merge's check, if there was one."""
     path = Path(target)
     if path.is_dir() and (path / rundir.RECIPE_FILE).is_file() and not (path / "config.json").is_file():
         run = rundir.open_run(path)
-        loaded = load_target(path)
-        assert loaded.recipe is not None
-        method = METHODS[loaded.recipe.method]
+        recipe = load_recipe(str(run.recipe_file))
+        method = METHODS[recipe.method]
         if method.mergeable:
-            loaded.model = merged_model(run, loaded.recipe, loaded.labels)
-        elif method.is_adapter and fmt == "safetensors":
+            return checked_merge(run, recipe, "float32")
+        if method.is_adapter and fmt == "safetensors":
             raise PeftuneError(
-                f"{loaded.recipe.method} adapters have no standalone weights to export: the adapter folder "
+                f"{recipe.method} adapters have no standalone weights to export: the adapter folder "
                 f"{run.adapter_dir} is already safetensors; export --format onnx for a standalone model"
             )
-        return loaded
+        return load_target(path), None
     loaded = load_target(target)
     if isinstance(loaded.model, OnnxClassifier):
         raise PeftuneError(
             f"{target} is already an ONNX export; export the run or merged folder it came from "
             f"(its {rundir.EXPORT_FILE} names it)"
         )
-    return loaded
+    return loaded, None
 
 
 def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:

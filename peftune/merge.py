@@ -58,21 +58,12 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
     target = Path(output) if output else run.merged_dir
     _check_destination(target, run)
 
-    reference = load_target(run.path)
-    merged = merged_model(run, recipe, reference.labels)
-    merged.to(_torch_dtype(dtype))
-    candidate = LoadedModel(merged, reference.tokenizer, reference.labels, recipe, reference.samples)
-    check = compare(reference, candidate, trained_quantized=recipe.model.quantized, dtype=dtype)
-    if not check["passed"]:
-        raise PeftuneError(
-            f"the merged model disagrees with the adapter model beyond tolerance ({_describe(check)}); "
-            "nothing was written: report this with the run folder"
-        )
+    merged, check = checked_merge(run, recipe, dtype)
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial)
-    reference.tokenizer.save_pretrained(partial)
+    merged.model.save_pretrained(partial)
+    merged.tokenizer.save_pretrained(partial)
     for name in (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.SAMPLES_FILE):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, partial / name)
@@ -86,11 +77,38 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
         "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    (partial / rundir.CARD_FILE).write_text(_readme(recipe, reference.labels, record), encoding="utf-8")
+    (partial / rundir.CARD_FILE).write_text(_readme(recipe, merged.labels, record), encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)
     return target
+
+
+def checked_merge(run: rundir.RunDir, recipe: Recipe, dtype: str) -> tuple[LoadedModel, dict[str, Any]]:
+    """The run's adapter folded into its base in `dtype`, checked against the adapter model on the eval rows
+    the run keeps: the merged model and the check. Raises, with nothing written, when the check fails.
+
+    An adapter trained on a float base is merged in place, after the adapter model's own logits are taken (the
+    base loads once); one trained on a quantized base is merged into the base reloaded in full precision.
+    """
+    reference = load_target(run.path)
+    expected = sample_logits(reference)
+    if recipe.model.quantized:
+        model = merged_model(run, recipe, reference.labels)
+    else:
+        _keep_trained_copies(reference.model)
+        model = reference.model.merge_and_unload()
+        model.eval()
+    model.to(_torch_dtype(dtype))
+    merged = LoadedModel(model, reference.tokenizer, reference.labels, recipe, reference.samples)
+    exact = dtype == "float32" and not recipe.model.quantized
+    check = judge(expected, sample_logits(merged), reference.labels, exact=exact)
+    if not check["passed"]:
+        raise PeftuneError(
+            f"the merged model disagrees with the adapter model beyond tolerance ({_describe(check)}); "
+            "nothing was written: report this with the run folder"
+        )
+    return merged, check
 
 
 def merged_model(run: rundir.RunDir, recipe: Recipe, labels: Labels) -> Any:
@@ -119,22 +137,23 @@ def _keep_trained_copies(model: Any) -> None:
             setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapter])
 
 
-def compare(reference: LoadedModel, candidate: LoadedModel, trained_quantized: bool, dtype: str) -> dict[str, Any]:
-    """Logit difference and label agreement of two models on the kept eval rows, judged by the tolerances."""
-    samples = reference.samples
-    if not samples:
+def sample_logits(loaded: LoadedModel) -> np.ndarray:
+    """Logits of a model on the eval rows kept with it (the run's `eval_samples.jsonl`)."""
+    if not loaded.samples:
         raise PeftuneError("the run folder keeps no eval rows to check against; train it again with this peftune")
-    recipe = reference.recipe
-    assert recipe is not None
-    columns = recipe.data.text_columns
-    texts = [row[columns[0]] for row in samples]
-    pairs = [row[columns[1]] for row in samples] if len(columns) == 2 else None
-    expected = batched_logits(reference, texts, pairs)
-    got = batched_logits(candidate, texts, pairs)
+    assert loaded.recipe is not None
+    columns = loaded.recipe.data.text_columns
+    texts = [row[columns[0]] for row in loaded.samples]
+    pairs = [row[columns[1]] for row in loaded.samples] if len(columns) == 2 else None
+    return batched_logits(loaded, texts, pairs)
+
+
+def judge(expected: np.ndarray, got: np.ndarray, labels: Labels, exact: bool) -> dict[str, Any]:
+    """Logit difference and label agreement of two models' logits on the same rows, judged by the tolerances:
+    `exact` (float32 throughout) by the logits, otherwise by the labels (or a regression's own units)."""
     difference = float(np.abs(expected - got).max())
-    exact = dtype == "float32" and not trained_quantized
-    check: dict[str, Any] = {"samples": len(samples), "max_abs_logit_difference": difference}
-    if reference.labels.names is None:
+    check: dict[str, Any] = {"samples": len(expected), "max_abs_logit_difference": difference}
+    if labels.names is None:
         check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE}
         check["passed"] = difference <= check["tolerance"]["max_abs_logit_difference"]
         return check

@@ -109,6 +109,20 @@ def test_a_pushed_adapter_is_a_target_for_predict_eval_and_merge(hub, runs, in_t
     assert [p["label"] for p in predict_texts(merged, TEXTS)] == labels
 
 
+def test_exporting_a_pushed_adapter_writes_a_standalone_model(hub, runs, in_tmp):
+    from transformers import pipeline
+
+    from peftune.export import export_model
+
+    push(runs["lora"], "tester/to-export", base_model_id="tester/tiny-bert", echo=lambda _: None)
+    folder, record = export_model("tester/to-export", "safetensors")
+    assert folder == Path("to-export-export-safetensors") and (in_tmp / folder / "model.safetensors").is_file()
+    assert not list((in_tmp / folder).glob("adapter_*")), "a standalone model, not the adapter again"
+    assert record["merge_check"]["passed"] and (in_tmp / folder / "recipe.yaml").is_file()
+    labels = [p["label"] for p in predict_texts(runs["lora"], TEXTS)]
+    assert [p["label"] for p in pipeline("text-classification", model=str(in_tmp / folder))(TEXTS)] == labels
+
+
 def test_the_token_never_appears_in_output_or_files(hub, runs, tmp_path, caplog):
     caplog.set_level("DEBUG")
     real = push_cli(str(runs["full"]), "--repo-id", "tester/full-model")

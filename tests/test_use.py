@@ -176,6 +176,20 @@ def test_safetensors_export_in_a_chosen_dtype(runs, tmp_path):
     assert (merged_export / "model.safetensors").is_file() and not list(merged_export.glob("adapter_*"))
 
 
+def test_export_of_a_lora_run_checks_its_merge_as_merge_does(runs, tmp_path, monkeypatch):
+    from peftune import merge
+
+    folder, record = export_model(runs["lora"], "safetensors", output=tmp_path / "st")
+    assert record["merge_check"]["passed"] and record["merge_check"]["max_abs_logit_difference"] < 1e-3
+    assert json.loads((folder / "export.json").read_text())["merge_check"] == record["merge_check"]
+    assert export_model(runs["full"], "safetensors", output=tmp_path / "full")[1]["merge_check"] is None
+    monkeypatch.setattr(merge, "MAX_LOGIT_DIFFERENCE", -1.0)  # a merge that cannot pass
+    assert "disagrees with the adapter model" in one_line_error(
+        export_model, runs["lora"], "onnx", output=tmp_path / "bad"
+    )
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 def test_export_refusals(runs, tmp_path):
     (tmp_path / "exists").mkdir()
     assert "already exists" in one_line_error(export_model, runs["full"], "onnx", output=tmp_path / "exists")
