@@ -7,7 +7,6 @@ compare like for like. Prefix and prompt adapters export to ONNX with their vect
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,10 +50,8 @@ def export_model(
         raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
 
     loaded, merge_check = _standalone(source if source.exists() else target, fmt)
-    partial = destination.with_name(destination.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with rundir.staged(destination) as partial:
+        partial.mkdir(parents=True)
         if fmt == "onnx":
             check = _export_onnx(loaded, partial / rundir.ONNX_FILE)
         else:
@@ -64,9 +61,7 @@ def export_model(
             check = {}
         loaded.tokenizer.save_pretrained(partial)
         _config_of(loaded.model).save_pretrained(partial)
-        for name in (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.SAMPLES_FILE):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, partial / name)
+        rundir.copy_records(source, partial)
         record = {
             "source": str(source.resolve()) if source.exists() else str(target),
             "format": fmt,
@@ -76,11 +71,6 @@ def export_model(
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (partial / rundir.EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial.rename(destination)
     return destination, record
 
 

@@ -9,7 +9,6 @@ is written.
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,13 +59,6 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
 
     merged, check = checked_merge(run, recipe, dtype)
 
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.model.save_pretrained(partial)
-    merged.tokenizer.save_pretrained(partial)
-    for name in (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.SAMPLES_FILE):
-        if (run.path / name).is_file():
-            shutil.copyfile(run.path / name, partial / name)
     record = {
         "source_run": str(run.path.resolve()),
         "method": recipe.method,
@@ -76,11 +68,12 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
         "check": check,
         "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    (partial / rundir.CARD_FILE).write_text(_readme(recipe, merged.labels, record), encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
+    with rundir.staged(target, replace=True) as partial:  # an earlier merge of this run (checked above)
+        merged.model.save_pretrained(partial)
+        merged.tokenizer.save_pretrained(partial)
+        rundir.copy_records(run.path, partial)
+        (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (partial / rundir.CARD_FILE).write_text(_readme(recipe, merged.labels, record), encoding="utf-8")
     return target
 
 

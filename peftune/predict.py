@@ -15,7 +15,7 @@ from peftune.data import Labels, read_table
 from peftune.errors import PeftuneError
 from peftune.modeling import LoadedModel, load_target
 from peftune.recipe import Recipe, load_recipe
-from peftune.rundir import RECIPE_FILE
+from peftune.rundir import RECIPE_FILE, staged
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ def predict_file(
     pairs = [_text(value, columns[1], i) for i, value in enumerate(table[columns[1]])] if len(columns) == 2 else None
     logits = batched_logits(loaded, texts, pairs, batch_size, progress=True)
     records = to_predictions(logits, loaded.labels, probabilities)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    _write(partial, table.to_list(), records, loaded.labels)
-    partial.replace(output)
+    with staged(output, replace=True) as partial:
+        _write(partial, output.suffix, table.to_list(), records)
     return len(records)
 
 
@@ -140,8 +138,8 @@ def _check_columns(table: Any, columns: Sequence[str], input_path: str | Path) -
         )
 
 
-def _write(path: Path, rows: list[dict], records: list[dict], labels: Labels) -> None:
-    if path.name.endswith(".jsonl.partial"):
+def _write(path: Path, suffix: str, rows: list[dict], records: list[dict]) -> None:
+    if suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for row, record in zip(rows, records, strict=True):
                 f.write(json.dumps({**row, **record}, ensure_ascii=False, default=str) + "\n")
@@ -150,7 +148,7 @@ def _write(path: Path, rows: list[dict], records: list[dict], labels: Labels) ->
     for row, record in zip(rows, records, strict=True):
         probs = record.pop("probabilities", None)
         flat.append({**row, **record, **({f"p_{k}": v for k, v in probs.items()} if probs else {})})
-    delimiter = "\t" if path.name.endswith(".tsv.partial") else ","
+    delimiter = "\t" if suffix == ".tsv" else ","
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["label", "score"], delimiter=delimiter)
         writer.writeheader()

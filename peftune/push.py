@@ -26,8 +26,6 @@ from peftune.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = (rundir.RECIPE_FILE, rundir.LABELS_FILE, rundir.METRICS_FILE, rundir.SAMPLES_FILE)
-
 
 @dataclass
 class PushResult:
@@ -94,9 +92,7 @@ def stage(
     for file in sorted(weights.iterdir()):
         if file.is_file() and file.name != rundir.CARD_FILE:
             shutil.copyfile(file, folder / file.name)
-    for name in RUN_FILES:
-        if (run.path / name).is_file():
-            shutil.copyfile(run.path / name, folder / name)
+    rundir.copy_records(run.path, folder, (*rundir.RECORDS, rundir.METRICS_FILE))
     if (folder / rundir.ADAPTER_CONFIG).is_file():  # the Hub copy names the base by its Hub id
         config = json.loads((folder / rundir.ADAPTER_CONFIG).read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base_id or config["base_model_name_or_path"]

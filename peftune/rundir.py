@@ -6,8 +6,11 @@ written last, under a temporary name and then renamed, so its presence marks a c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,17 +90,54 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a file atomically: a reader sees the old file or the whole new one, never a part."""
-        target = self.path / name
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, target)
-        return target
+        with staged(self.path / name, replace=True) as partial:
+            partial.write_text(text, encoding="utf-8")
+        return self.path / name
 
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     def read_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_file.read_text(encoding="utf-8"))
+
+
+RECORDS = (RECIPE_FILE, LABELS_FILE, SAMPLES_FILE)  # what a merged or exported folder keeps of its run
+
+
+def copy_records(source: Path, folder: Path, names: tuple[str, ...] = RECORDS) -> None:
+    """Copy the run's records that exist in `source` (a run, merged or exported folder) into `folder`."""
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
+@contextlib.contextmanager
+def staged(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Write a file or folder as `TARGET.partial`, renamed to `target` only when the block ends without error.
+
+    A reader never sees a half-written target, and a failure leaves nothing behind (the partial is removed).
+    `replace` lets it take the place of an existing target; otherwise an existing target is an error.
+    """
+    partial = target.with_name(target.name + ".partial")
+    _remove(partial)  # leftovers of a process that was killed
+    try:
+        yield partial
+        if target.exists() and not replace:
+            raise PeftuneError(f"{target} already exists; choose another destination or remove it first")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and partial.is_dir():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def open_run(path: str | Path) -> RunDir:

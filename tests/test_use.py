@@ -340,3 +340,44 @@ def test_the_adapter_folder_names_its_base_portably_and_its_card_loads_it(tmp_pa
         from_card = model(**tokenizer(NEW_TEXTS, padding=True, return_tensors="pt")).logits.numpy()
     assert np.abs(from_card - batched_logits(load_target(run.path), NEW_TEXTS)).max() < 1e-5
     assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+# --- staged writes ------------------------------------------------------------------------------------------
+
+
+def test_staged_writes_appear_whole_or_not_at_all(tmp_path):
+    from peftune.rundir import staged
+
+    with pytest.raises(RuntimeError), staged(tmp_path / "folder") as partial:
+        partial.mkdir()
+        (partial / "half.bin").write_text("x")
+        raise RuntimeError("killed while writing")
+    assert list(tmp_path.iterdir()) == [], "no target and no leftover partial"
+    with staged(tmp_path / "folder") as partial:
+        partial.mkdir()
+        (partial / "whole.bin").write_text("x")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["whole.bin"]
+    with pytest.raises(PeftuneError, match="already exists"), staged(tmp_path / "folder") as partial:
+        partial.mkdir()
+    with staged(tmp_path / "folder", replace=True) as partial:
+        partial.mkdir()
+        (partial / "new.bin").write_text("y")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_a_prediction_file_that_fails_midway_leaves_the_old_file_and_no_partial(runs, reviews, tmp_path, monkeypatch):
+    from peftune import predict
+
+    output = tmp_path / "out.csv"
+    output.write_text("the previous predictions\n")
+
+    def broken(path, *args):
+        path.write_text("label,score\npositive,0.9\n")  # part of the rows
+        raise OSError("disk full")
+
+    monkeypatch.setattr(predict, "_write", broken)
+    with pytest.raises(OSError):
+        predict_file(runs["lora"], reviews[1], output)
+    assert output.read_text() == "the previous predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
