@@ -312,12 +312,13 @@ def sweep_command(recipe: str, overrides: tuple[str, ...], grids: tuple[str, ...
     Runs already complete in the sweep folder are reused, so an interrupted sweep resumes.
     """
     from peftune.compare import best_first, collect, render
-    from peftune.sweep import REPORT_FILE, sweep
+    from peftune.rundir import SWEEP_REPORT_FILE
+    from peftune.sweep import sweep
 
     result = sweep(recipe, grids, overrides, output_dir, echo=click.echo)
     if result.runs:
         click.echo("\n" + render(best_first(collect(result.runs)), "table"), nl=False)
-    click.echo(f"\nreport: {result.path / REPORT_FILE}")
+    click.echo(f"\nreport: {result.path / SWEEP_REPORT_FILE}")
 
 
 @main.command("push")

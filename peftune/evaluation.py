@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from peftune import metrics
+from peftune import metrics, rundir
 from peftune.data import load_splits
 from peftune.errors import PeftuneError
 from peftune.modeling import load_target
@@ -97,4 +97,4 @@ def format_result(result: dict[str, Any]) -> str:
 
 def _default_output(target: str | Path, split: str) -> Path | None:
     folder = Path(target)
-    return folder / f"eval-{split}.json" if folder.is_dir() else None
+    return folder / rundir.eval_file(split) if folder.is_dir() else None

@@ -44,7 +44,8 @@ def export_model(
     # A Hub id is a run `peftune push` uploaded (downloaded, records and all) or another model; the export of
     # either goes to ./NAME-export-FORMAT.
     source = Path(target) if local else pushed_run(str(target)) or Path(target)
-    default = source / f"export-{fmt}" if local else Path(f"{str(target).split('/')[-1]}-export-{fmt}")
+    name = rundir.export_dir(fmt)
+    default = source / name if local else Path(f"{str(target).split('/')[-1]}-{name}")
     destination = Path(output) if output else default
     if destination.exists():
         raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
@@ -78,7 +79,7 @@ def _standalone(target: str | Path, fmt: str) -> tuple[LoadedModel, dict[str, An
     """The model to export: a full or merged model as loaded, or an adapter run merged into its base and
     checked as `merge` checks it; with the merge's check, if there was one."""
     path = Path(target)
-    if path.is_dir() and (path / rundir.RECIPE_FILE).is_file() and not (path / "config.json").is_file():
+    if path.is_dir() and (path / rundir.RECIPE_FILE).is_file() and not (path / rundir.MODEL_CONFIG).is_file():
         run = rundir.open_run(path)
         recipe = load_recipe(str(run.recipe_file))
         method = METHODS[recipe.method]

@@ -14,7 +14,7 @@ from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
 from peftune.recipe import ModelSpec, Recipe, load_recipe, local_path
-from peftune.rundir import LABELS_FILE, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
+from peftune.rundir import LABELS_FILE, MODEL_CONFIG, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -383,7 +383,7 @@ def load_target(target: str | Path) -> LoadedModel:
     if path.is_dir():
         if (path / ONNX_FILE).is_file():
             return _load_onnx_folder(path)
-        if (path / "config.json").is_file():
+        if (path / MODEL_CONFIG).is_file():
             return _load_model_folder(path)
         if (path / RECIPE_FILE).is_file():
             run = open_run(path)

@@ -52,7 +52,7 @@ def push(
     check_repo_id(repo_id)
     run = rundir.open_run(run_path)
     if dry_run:
-        folder = Path(output) if output else run.path / ("hub-upload-merged" if merged else "hub-upload")
+        folder = Path(output) if output else run.path / (rundir.HUB_UPLOAD_DIR + ("-merged" if merged else ""))
         stage(run, folder, repo_id, merged=merged, base_model_id=base_model_id, license=license, echo=echo)
         return PushResult(folder, _listing(folder))
     api, token = _client()

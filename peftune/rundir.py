@@ -30,6 +30,27 @@ MERGED_DIR = "merged"  # `peftune merge`: a standalone model folder
 MERGE_FILE = "merge.json"  # in a merged folder: where it came from and how closely it matches the adapter
 EXPORT_FILE = "export.json"  # in an exported folder: format, dtype and the check against PyTorch
 ONNX_FILE = "model.onnx"  # in an ONNX export: the graph, which `predict` and `eval` run under onnxruntime
+MODEL_CONFIG = "config.json"  # transformers' config: marks a standalone model folder (merged, exported, full)
+HUB_UPLOAD_DIR = "hub-upload"  # `push --dry-run`: the folder the Hub would receive (-merged with --merged)
+CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint folders in checkpoints/, one per saved step
+ELAPSED_FILE = "peftune_elapsed.json"  # in each checkpoint: training seconds up to it, for resumed runs
+RUNS_DIR = Path("runs")  # where runs (and sweeps) go by default, under the current folder
+# A sweep folder: its runs, their report, comparison tables and plot, the grid it ran and the runs' logs.
+SWEEP_REPORT_FILE = "report.md"
+SWEEP_PLOT_FILE = "comparison.png"
+SWEEP_TABLE_FILES = ("comparison.csv", "comparison.json")
+SWEEP_FILE = "sweep.json"
+SWEEP_LOGS_DIR = "logs"
+
+
+def eval_file(split: str) -> str:
+    """`peftune eval`'s record, written into the folder it scored."""
+    return f"eval-{split}.json"
+
+
+def export_dir(fmt: str) -> str:
+    """`peftune export`'s folder inside the run (or merged folder) it exported."""
+    return f"export-{fmt}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +89,7 @@ class RunDir:
         A run pushed to the Hub keeps them at the top of the repository, where peft and transformers look.
         """
         folder = self.adapter_dir if is_adapter else self.model_dir
-        marker = self.path / (ADAPTER_CONFIG if is_adapter else "config.json")
+        marker = self.path / (ADAPTER_CONFIG if is_adapter else MODEL_CONFIG)
         return self.path if not folder.is_dir() and marker.is_file() else folder
 
     @property

@@ -27,11 +27,6 @@ from peftune.recipe import Recipe, check_passthrough, load_recipe
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-PLOT_FILE = "comparison.png"
-SWEEP_FILE = "sweep.json"
-LOGS_DIR = "logs"
-
 
 @dataclass
 class Plan:
@@ -101,14 +96,14 @@ def sweep(
     """Train every planned run that is not complete yet, then write the report; return what happened."""
     plans = plan(spec, grids, overrides)
     base = load_recipe(spec, overrides)
-    result = SweepResult(Path(output_dir) if output_dir else Path("runs") / f"{base.name}-sweep")
+    result = SweepResult(Path(output_dir) if output_dir else rundir.RUNS_DIR / f"{base.name}-sweep")
     result.path.mkdir(parents=True, exist_ok=True)
     todo = [p for p in plans if p.skipped is None]
     for number, item in enumerate(todo, 1):
         run = rundir.RunDir(result.path / item.name)
         where = f"[{number}/{len(todo)}] {item.name}"
         status = train_run(
-            spec, [*overrides, *_overrides(item.assignments)], run, result.path / LOGS_DIR,
+            spec, [*overrides, *_overrides(item.assignments)], run, result.path / rundir.SWEEP_LOGS_DIR,
             echo=lambda text, where=where: echo(f"{where}: {text}"),
         )  # fmt: skip
         if status == "failed":
@@ -123,7 +118,7 @@ def sweep(
     if result.failed:
         raise PeftuneError(
             f"{len(result.failed)} run(s) failed ({', '.join(result.failed)}); read their logs in "
-            f"{result.path / LOGS_DIR}, fix the cause and run the sweep again to resume"
+            f"{result.path / rundir.SWEEP_LOGS_DIR}, fix the cause and run the sweep again to resume"
         )
     return result
 
@@ -135,12 +130,12 @@ def write_report(result: SweepResult, spec: str, grids: Sequence[str], overrides
         row["run"] = Path(row["run"]).name
     histories = [rundir.RunDir(result.path / row["run"]).read_metrics().get("eval_history") or [] for row in rows]
     if rows:
-        compare.plot(rows, histories, result.path / PLOT_FILE)
-    (result.path / "comparison.csv").write_text(compare.render(rows, "csv"), encoding="utf-8")
-    (result.path / "comparison.json").write_text(compare.render(rows, "json"), encoding="utf-8")
+        compare.plot(rows, histories, result.path / rundir.SWEEP_PLOT_FILE)
+    for name in rundir.SWEEP_TABLE_FILES:  # comparison.csv, comparison.json
+        (result.path / name).write_text(compare.render(rows, name.rpartition(".")[2]), encoding="utf-8")
     record = {"recipe": spec, "grids": list(grids), "overrides": list(overrides), "runs": [r["run"] for r in rows],
               "skipped": result.skipped, "failed": result.failed}  # fmt: skip
-    (result.path / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (result.path / rundir.SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     lines = [
         f"# Sweep: {spec}",
@@ -153,13 +148,13 @@ def write_report(result: SweepResult, spec: str, grids: Sequence[str], overrides
         compare.render(rows, "markdown") if rows else "No run completed.",
     ]
     if rows:
-        lines += ["", f"![eval curves, and the metric against parameters, time and memory]({PLOT_FILE})"]
+        lines += ["", f"![eval curves, and the metric against parameters, time and memory]({rundir.SWEEP_PLOT_FILE})"]
     if result.skipped:
         lines += ["", "Skipped (do not apply):", ""]
         lines += [f"- `{s['run']}`: {s['reason']}" for s in result.skipped]
     if result.failed:
         lines += ["", "Failed (see `logs/`): " + ", ".join(f"`{name}`" for name in result.failed)]
-    (result.path / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (result.path / rundir.SWEEP_REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def run_name(assignments: dict[str, str]) -> str:

@@ -55,7 +55,7 @@ def placed(recipe: Recipe, overrides: Sequence[str] = (), output_dir: str | Path
         kept = str(output_dir) if output_dir else recipe.output_dir
         return recipe.model_copy(update={"output_dir": kept}), Path(str(kept))
     name = run_name(recipe, overrides)
-    return recipe.model_copy(update={"name": name}), Path("runs") / name
+    return recipe.model_copy(update={"name": name}), rundir.RUNS_DIR / name
 
 
 def train(
@@ -197,7 +197,7 @@ def train(
     reported_epoch = trainer.state.epoch  # the epoch whose weights the run keeps: the last, or the best one's
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     if best:
-        best_step = int(Path(best).name.removeprefix("checkpoint-"))
+        best_step = _step_of(Path(best))
         reported_epoch = next((h["epoch"] for h in history if h["step"] == best_step), reported_epoch)
 
     # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
@@ -304,23 +304,20 @@ def last_checkpoint(run: rundir.RunDir) -> Path | None:
         return None
     complete = [
         folder
-        for folder in run.checkpoints_dir.glob("checkpoint-*")
-        if folder.name.removeprefix("checkpoint-").isdigit() and (folder / "trainer_state.json").is_file()
+        for folder in run.checkpoints_dir.glob(f"{rundir.CHECKPOINT_PREFIX}*")
+        if folder.name.removeprefix(rundir.CHECKPOINT_PREFIX).isdigit() and (folder / "trainer_state.json").is_file()
     ]
     return max(complete, key=_step_of, default=None)
 
 
 def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("checkpoint-"))
-
-
-ELAPSED_FILE = "peftune_elapsed.json"  # in each checkpoint: training seconds up to it, for resumed runs
+    return int(checkpoint.name.removeprefix(rundir.CHECKPOINT_PREFIX))
 
 
 def _seconds_before(checkpoint: Path | None) -> float:
     """Training seconds spent up to `checkpoint`: 0 from the start, or when the checkpoint does not say."""
     try:
-        return float(json.loads((checkpoint / ELAPSED_FILE).read_text())["train_seconds"]) if checkpoint else 0.0
+        return float(json.loads((checkpoint / rundir.ELAPSED_FILE).read_text())["train_seconds"]) if checkpoint else 0.0
     except (OSError, ValueError, KeyError):
         return 0.0
 
@@ -381,10 +378,10 @@ def _elapsed_time(before: float) -> Any:
             self.started = time.perf_counter()
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = Path(args.output_dir) / f"{rundir.CHECKPOINT_PREFIX}{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
                 seconds = before + time.perf_counter() - self.started
-                (folder / ELAPSED_FILE).write_text(json.dumps({"train_seconds": round(seconds, 3)}) + "\n")
+                (folder / rundir.ELAPSED_FILE).write_text(json.dumps({"train_seconds": round(seconds, 3)}) + "\n")
 
     return ElapsedTime()
 
