@@ -18,6 +18,7 @@ from peftune import pooling
 from peftune.data import Labels
 from peftune.methods import METHODS
 from peftune.recipe import ON_BASE, PACKAGE_SCHEME, Recipe
+from peftune.record import Metrics
 
 NOT_METRICS = {"loss"}
 
@@ -48,7 +49,7 @@ def folder_place(title: str, folder: Path, run_folder: Path) -> Place:
 
 def model_card(
     recipe: Recipe,
-    metrics: dict[str, Any],
+    metrics: Metrics,
     labels: Labels,
     place: Place,
     library: str,
@@ -66,7 +67,7 @@ def model_card(
              "dataset_split": data.eval_split}  # fmt: skip
     results = [
         EvalResult(**where, metric_type=name, metric_value=value)
-        for name, value in metrics["eval"].items()
+        for name, value in metrics.eval.items()
         if name not in NOT_METRICS and isinstance(value, int | float)
     ]
     quantized = {"8bit": ["8-bit"], "4bit": ["4-bit"]}.get(recipe.model.quantization, [])
@@ -79,9 +80,7 @@ def model_card(
     return f"---\n{card_data.to_yaml()}\n---\n\n{_body(recipe, metrics, labels, place, library, base_id)}"
 
 
-def _body(
-    recipe: Recipe, metrics: dict[str, Any], labels: Labels, place: Place, library: str, base_id: str | None
-) -> str:
+def _body(recipe: Recipe, metrics: Metrics, labels: Labels, place: Place, library: str, base_id: str | None) -> str:
     if base_id:
         base = f"[{base_id}](https://huggingface.co/{base_id})"
     else:
@@ -94,19 +93,19 @@ def _body(
     }[library]
     label_text = ", ".join(f"`{n}`" for n in labels.names) if labels.names else "one regression score"
     usage = _usage(recipe, labels, place, library)
-    primary = metrics["primary_metric"]
+    primary = metrics.primary_metric
     rows = "\n".join(
-        f"| {name} | {value:.4f} |" for name, value in metrics["eval"].items() if isinstance(value, int | float)
+        f"| {name} | {value:.4f} |" for name, value in metrics.eval.items() if isinstance(value, int | float)
     )
-    versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
+    versions = ", ".join(f"{k} {v}" for k, v in metrics.versions.items())
     return f"""# {place.title}
 
 {what}, trained with [peftune](https://pypi.org/project/peftune/) on {_data_text(recipe)}.
 
 - Labels: {label_text}
-- {primary["name"]} on the eval split ({metrics["eval_samples"]} examples): **{primary["value"]:.4f}**
-- Trainable parameters: {metrics["trainable_parameters"]:,} of {metrics["total_parameters"]:,} \
-({100 * metrics["trainable_share"]:.2f}%)
+- {primary.name} on the eval split ({metrics.eval_samples} examples): **{primary.value:.4f}**
+- Trainable parameters: {metrics.trainable_parameters:,} of {metrics.total_parameters:,} \
+({100 * metrics.trainable_share:.2f}%)
 
 ## Use it
 
@@ -121,9 +120,9 @@ def _body(
 ## Training
 
 Method `{recipe.method}`{ON_BASE[recipe.model.quantization]}, \
-{metrics["train_samples"]:,} training examples, learning rate {metrics["learning_rate"]:g}, \
-{metrics["global_steps"]} optimizer steps in {metrics["train_runtime_s"]:.0f} s on {metrics["device"]} \
-({metrics["dtype"]}), peak memory {metrics["peak_memory_mb"]:.0f} MB. Libraries: {versions}.
+{metrics.train_samples:,} training examples, learning rate {metrics.learning_rate:g}, \
+{metrics.global_steps} optimizer steps in {metrics.train_runtime_s:.0f} s on {metrics.device} \
+({metrics.dtype}), peak memory {metrics.peak_memory_mb:.0f} MB. Libraries: {versions}.
 
 The resolved recipe (also in `recipe.yaml`):
 

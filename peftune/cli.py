@@ -17,6 +17,7 @@ from peftune.errors import PeftuneError
 
 if TYPE_CHECKING:
     from peftune.recipe import Recipe
+    from peftune.record import Metrics
     from peftune.rundir import RunDir
 
 
@@ -171,18 +172,16 @@ def train_command(
         click.echo(f"run folder: {run.path}")
 
 
-def summary_line(record: dict[str, Any]) -> str:
+def summary_line(record: Metrics) -> str:
     """`name: metric value on N eval examples (method on its base, trainable parameters, time, epoch)`."""
-    primary = record["primary_metric"]
     from peftune.recipe import ON_BASE
 
-    base = ON_BASE.get(record.get("quantization", "none"), "")
-    epoch = primary.get("epoch")
-    where = f", epoch {epoch:g}" if isinstance(epoch, int | float) else ""
+    primary = record.primary_metric
+    where = f", epoch {primary.epoch:g}" if primary.epoch is not None else ""
     return (
-        f"{record['name']}: {primary['name']} {primary['value']:.4f} on {record['eval_samples']} eval examples "
-        f"({record['method']}{base}, {record['trainable_parameters']:,} trainable parameters, "
-        f"{record['train_runtime_s']:.0f} s{where})"
+        f"{record.name}: {primary.name} {primary.value:.4f} on {record.eval_samples} eval examples "
+        f"({record.method}{ON_BASE.get(record.quantization, '')}, {record.trainable_parameters:,} trainable "
+        f"parameters, {record.train_runtime_s:.0f} s{where})"
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from peftune import rundir
 from peftune.errors import PeftuneError
 from peftune.metrics import LOWER_IS_BETTER
+from peftune.record import Metrics
 
 FORMATS = ("table", "markdown", "csv", "json")
 # The columns of a comparison, in order: (key, heading). `metric` is each run's primary metric.
@@ -52,23 +53,21 @@ def collect(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def row_of(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    primary = metrics.get("primary_metric") or {}
-    row = {
+def row_of(path: Path, metrics: Metrics) -> dict[str, Any]:
+    """A run's comparison row: each column read from its metrics.json field of the same name, but for the
+    run (its folder), the primary metric, the trainable share (in percent); then dtype, recipe hash and
+    every eval metric as `eval_<name>`."""
+    fields = metrics.to_json()
+    row: dict[str, Any] = {key: fields.get(key) for key, _ in COLUMNS}
+    row |= {
         "run": str(path),
-        "method": metrics.get("method"),
-        "base_model": metrics.get("base_model"),
-        "metric_name": primary.get("name"),
-        "metric": primary.get("value"),
-        "trainable_parameters": metrics.get("trainable_parameters"),
-        "trainable_share": _percent(metrics.get("trainable_share")),
-        **{key: metrics.get(key) for key, _ in COLUMNS[7:]},
-        # Runs before 0.2 recorded `load_in_8bit`.
-        "quantization": metrics.get("quantization") or ("8bit" if metrics.get("load_in_8bit") else "none"),
-        "dtype": metrics.get("dtype"),
-        "recipe_sha256": metrics.get("recipe_sha256"),
+        "metric_name": metrics.primary_metric.name,
+        "metric": metrics.primary_metric.value,
+        "trainable_share": _percent(metrics.trainable_share),
+        "dtype": metrics.dtype,
+        "recipe_sha256": metrics.recipe_sha256,
     }
-    row |= {f"eval_{name}": value for name, value in (metrics.get("eval") or {}).items()}
+    row |= {f"eval_{name}": value for name, value in metrics.eval.items()}
     return row
 
 
@@ -167,7 +166,7 @@ def compare_runs(
         raise PeftuneError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
     rows = sort_rows(collect(paths), sort)
     if plot_file:
-        histories = [rundir.open_run(row["run"]).read_metrics().get("eval_history") or [] for row in rows]
+        histories = [rundir.open_run(row["run"]).read_metrics().eval_history for row in rows]
         plot(rows, histories, plot_file)
     return render(rows, fmt)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune.errors import PeftuneError
+from peftune.record import Metrics
 
 RECIPE_FILE = "recipe.yaml"  # the fully resolved recipe
 LABELS_FILE = "labels.json"  # id2label / label2id and the problem type
@@ -118,8 +119,8 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
-    def read_metrics(self) -> dict[str, Any]:
-        return json.loads(self.metrics_file.read_text(encoding="utf-8"))
+    def read_metrics(self) -> Metrics:
+        return Metrics.from_json(json.loads(self.metrics_file.read_text(encoding="utf-8")))
 
 
 RECORDS = (RECIPE_FILE, LABELS_FILE, SAMPLES_FILE)  # what a merged or exported folder keeps of its run

@@ -128,7 +128,7 @@ def write_report(result: SweepResult, spec: str, grids: Sequence[str], overrides
     rows = compare.best_first(compare.collect(result.runs)) if result.runs else []
     for row in rows:  # run folders by their name inside the sweep, so the report reads the same anywhere
         row["run"] = Path(row["run"]).name
-    histories = [rundir.RunDir(result.path / row["run"]).read_metrics().get("eval_history") or [] for row in rows]
+    histories = [rundir.RunDir(result.path / row["run"]).read_metrics().eval_history for row in rows]
     if rows:
         compare.plot(rows, histories, result.path / rundir.SWEEP_PLOT_FILE)
     for name in rundir.SWEEP_TABLE_FILES:  # comparison.csv, comparison.json

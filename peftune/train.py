@@ -23,6 +23,7 @@ from peftune.batching import LengthBucketSampler
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
 from peftune.recipe import Recipe, check_passthrough, local_path
+from peftune.record import Metrics, Primary
 
 log = logging.getLogger(__name__)
 
@@ -213,56 +214,56 @@ def train(
     samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
     run.write_text(rundir.SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
 
-    record = {
-        "name": recipe.name,
-        "method": recipe.method,
-        "base_model": recipe.model.name_or_path,
-        "base_model_path": local_path(recipe.model.name_or_path, "model.name_or_path"),  # as read on this machine
-        "problem_type": labels.problem_type,
-        "num_labels": labels.num_labels,
-        "primary_metric": {
-            "name": primary,
-            "value": eval_metrics.get(primary),
-            "epoch": round(reported_epoch, 2) if reported_epoch is not None else None,
-        },
-        "eval": eval_metrics,
-        "eval_history": history,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": trainable / total,
-        "fresh_modules": fresh,
-        "learning_rate": recipe.learning_rate,
-        "train_samples": len(train_set),
-        "eval_samples": len(eval_set),
-        "global_steps": trainer.state.global_step,
-        "world_size": args.world_size,
-        "resumed_from_step": _step_of(checkpoint) if checkpoint else None,
-        "fit": fitted,
-        "tokenize_s": round(tokenize_seconds, 3),
-        "train_runtime_s": round(train_seconds, 3),
-        "eval_during_training_s": round(eval_seconds, 3),
-        "train_samples_per_second": round(samples_seen / step_seconds, 3),
-        "train_tokens_per_second": round(tokens / step_seconds, 1),
-        "train_loss": result.metrics.get("train_loss"),
-        "peak_memory_mb": _peak_memory_mb(on_gpu),
-        "peak_memory_kind": "cuda_max_allocated" if on_gpu else "process_max_rss",
-        "model_memory_mb": round(modeling.memory_footprint(model) / 2**20, 2),
-        "weights_mb": round(_size_on_disk(weights) / 2**20, 3),
-        "standalone_model_mb": round(_standalone_bytes(model, base_parameters, METHODS[recipe.method]) / 2**20, 3),
-        "quantization": recipe.model.quantization,
-        "device": str(args.device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "versions": library_versions(),
-        "overrides": list(overrides),
-        "recipe_sha256": recipe.sha256(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    record = Metrics(
+        name=recipe.name,
+        method=recipe.method,
+        base_model=recipe.model.name_or_path,
+        base_model_path=local_path(recipe.model.name_or_path, "model.name_or_path"),  # as read on this machine
+        problem_type=labels.problem_type,
+        num_labels=labels.num_labels,
+        primary_metric=Primary(
+            name=primary,
+            value=eval_metrics.get(primary),
+            epoch=round(reported_epoch, 2) if reported_epoch is not None else None,
+        ),
+        eval=eval_metrics,
+        eval_history=history,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_share=trainable / total,
+        fresh_modules=fresh,
+        learning_rate=recipe.learning_rate,
+        train_samples=len(train_set),
+        eval_samples=len(eval_set),
+        global_steps=trainer.state.global_step,
+        world_size=args.world_size,
+        resumed_from_step=_step_of(checkpoint) if checkpoint else None,
+        fit=fitted,
+        tokenize_s=round(tokenize_seconds, 3),
+        train_runtime_s=round(train_seconds, 3),
+        eval_during_training_s=round(eval_seconds, 3),
+        train_samples_per_second=round(samples_seen / step_seconds, 3),
+        train_tokens_per_second=round(tokens / step_seconds, 1),
+        train_loss=result.metrics.get("train_loss"),
+        peak_memory_mb=_peak_memory_mb(on_gpu),
+        peak_memory_kind="cuda_max_allocated" if on_gpu else "process_max_rss",
+        model_memory_mb=round(modeling.memory_footprint(model) / 2**20, 2),
+        weights_mb=round(_size_on_disk(weights) / 2**20, 3),
+        standalone_model_mb=round(_standalone_bytes(model, base_parameters, METHODS[recipe.method]) / 2**20, 3),
+        quantization=recipe.model.quantization,
+        device=str(args.device),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        versions=library_versions(),
+        overrides=list(overrides),
+        recipe_sha256=recipe.sha256(),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     if METHODS[recipe.method].is_adapter:  # peft's README.md is an empty template: a card that says what this is
         place = card.folder_place(recipe.name, weights, run.path)
         base_id = None if modeling.is_local_model(recipe.model) else recipe.model.name_or_path
         text = card.model_card(recipe, record, labels, place, "peft", base_id)
         (weights / rundir.CARD_FILE).write_text(text, encoding="utf-8")
-    run.write_json(rundir.METRICS_FILE, record)  # last: its presence marks the run complete
+    run.write_json(rundir.METRICS_FILE, record.to_json())  # last: its presence marks the run complete
     return run
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from peftune import rundir
 from peftune.recipe import load_recipe
+from peftune.record import Metrics
 from peftune.sweep import train_run
 from peftune.train import library_versions
 
@@ -173,7 +174,7 @@ def train_levers(runs: Path, tasks: list[str]) -> list[str]:
     return failed
 
 
-def lever_lines(task: str, done: dict[str, dict], runs: Path) -> list[str]:
+def lever_lines(task: str, done: dict[str, Metrics], runs: Path) -> list[str]:
     """One task's lever table: each lever's metric against LoRA's and full fine-tuning's defaults."""
     metric = TASKS[task].target_metric
     lora, full = done.get("lora"), done.get("full")
@@ -188,10 +189,10 @@ def lever_lines(task: str, done: dict[str, dict], runs: Path) -> list[str]:
         if m is None:
             lines.append(f"| {title} | not run yet | | | | |")
             continue
-        value = m["eval"][metric]
-        vs = [f"{100 * (value - ref['eval'][metric]):+.2f}" if ref else "" for ref in (lora, full)]
-        lines.append(f"| {title} | {points(value)} | {vs[0]} | {vs[1]} | {m['train_samples_per_second']:.1f} "
-                     f"| {m['trainable_parameters']:,} |")  # fmt: skip
+        value = m.eval[metric]
+        vs = [f"{100 * (value - ref.eval[metric]):+.2f}" if ref else "" for ref in (lora, full)]
+        lines.append(f"| {title} | {points(value)} | {vs[0]} | {vs[1]} | {m.train_samples_per_second:.1f} "
+                     f"| {m.trainable_parameters:,} |")  # fmt: skip
     return lines
 
 
@@ -212,7 +213,7 @@ def train_seeds(runs: Path) -> list[str]:
     return failed
 
 
-def seed_lines(sst2: dict[str, dict], runs: Path) -> list[str]:
+def seed_lines(sst2: dict[str, Metrics], runs: Path) -> list[str]:
     """SST-2 accuracy per method and seed (42 from the main table), with the mean and the spread."""
     seeds = (42, *MORE_SEEDS)
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |",
@@ -224,7 +225,7 @@ def seed_lines(sst2: dict[str, dict], runs: Path) -> list[str]:
             for s in MORE_SEEDS
             if seed_folder(runs, method, s).is_complete()
         }
-        values = [100 * runs_of[s]["eval"]["accuracy"] if runs_of.get(s) else None for s in seeds]
+        values = [100 * runs_of[s].eval["accuracy"] if runs_of.get(s) else None for s in seeds]
         cells = " | ".join("not run yet" if v is None else f"{v:.2f}" for v in values)
         known = [v for v in values if v is not None]
         if len(known) == len(seeds):
@@ -268,22 +269,20 @@ def size_lines(runs: Path) -> list[str]:
         for seed in SEEDS:
             done = {m: size_folder(runs, size, m, seed) for m in SIZE_METHODS}
             found = {m: run.read_metrics() for m, run in done.items() if run.is_complete()}
-            cells = " | ".join(
-                points(found[m]["eval"]["accuracy"]) if m in found else "not run yet" for m in SIZE_METHODS
-            )
+            cells = " | ".join(points(found[m].eval["accuracy"]) if m in found else "not run yet" for m in SIZE_METHODS)
             if len(found) < len(SIZE_METHODS):
                 lines.append(f"| {size:,} | {seed} | {cells} | | | |")
                 continue
-            diff = 100 * (found["lora"]["eval"]["accuracy"] - found["full"]["eval"]["accuracy"])
-            speed = found["lora"]["train_samples_per_second"] / found["full"]["train_samples_per_second"]
+            diff = 100 * (found["lora"].eval["accuracy"] - found["full"].eval["accuracy"])
+            speed = found["lora"].train_samples_per_second / found["full"].train_samples_per_second
             learned = "yes" if diff >= -NEAR_FULL else "**no**"
             lines.append(f"| {size:,} | {seed} | {cells} | {diff:+.2f} | {speed:.2f} | {learned} |")
     return lines
 
 
-def load_rows(runs: Path) -> dict[str, dict[str, dict]]:
+def load_rows(runs: Path) -> dict[str, dict[str, Metrics]]:
     """metrics.json of every complete run: task -> method -> metrics."""
-    rows: dict[str, dict[str, dict]] = {}
+    rows: dict[str, dict[str, Metrics]] = {}
     for task in TASKS:
         for method in METHODS:
             run = run_folder(runs, task, method)
@@ -296,7 +295,7 @@ def points(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
-def task_table(task: str, done: dict[str, dict]) -> list[str]:
+def task_table(task: str, done: dict[str, Metrics]) -> list[str]:
     lines = [
         "| method | " + " | ".join(metric_names(task, done)) + " | trainable parameters | train time (s) "
         "| train samples/s | peak memory (MB) | model in memory (MB) | learning rate | epochs | train examples |",
@@ -307,23 +306,23 @@ def task_table(task: str, done: dict[str, dict]) -> list[str]:
         if m is None:
             lines.append(f"| {method} | " + " | ".join("not run yet" for _ in metric_names(task, done)) + " |" * 9)
             continue
-        values = " | ".join(points(m["eval"].get(name)) for name in metric_names(task, done))
-        epochs = m["eval_history"][-1]["epoch"] if m.get("eval_history") else ""
+        values = " | ".join(points(m.eval.get(name)) for name in metric_names(task, done))
+        epochs = m.eval_history[-1]["epoch"] if m.eval_history else ""
         lines.append(
-            f"| {method} | {values} | {m['trainable_parameters']:,} ({100 * m['trainable_share']:.2f}%) "
-            f"| {m['train_runtime_s']:.0f} | {m['train_samples_per_second']:.1f} | {m['peak_memory_mb']:.0f} "
-            f"| {m['model_memory_mb']:.1f} | {m['learning_rate']:g} | {epochs:g} | {m['train_samples']:,} |"
+            f"| {method} | {values} | {m.trainable_parameters:,} ({100 * m.trainable_share:.2f}%) "
+            f"| {m.train_runtime_s:.0f} | {m.train_samples_per_second:.1f} | {m.peak_memory_mb:.0f} "
+            f"| {m.model_memory_mb:.1f} | {m.learning_rate:g} | {epochs:g} | {m.train_samples:,} |"
         )
     return lines
 
 
-def metric_names(task: str, done: dict[str, dict]) -> list[str]:
+def metric_names(task: str, done: dict[str, Metrics]) -> list[str]:
     for m in done.values():
-        return [name for name in m["eval"] if name != "loss"]
+        return [name for name in m.eval if name != "loss"]
     return [TASKS[task].target_metric]
 
 
-def target_lines(rows: dict[str, dict[str, dict]]) -> list[str]:
+def target_lines(rows: dict[str, dict[str, Metrics]]) -> list[str]:
     lines = ["| task | comparison | metric | ours | reference run | difference (points) | target | met |"]
     lines.append("|---|---|---|---|---|---|---|---|")
     for task, method, other, metric, allowed in TARGETS:
@@ -333,7 +332,7 @@ def target_lines(rows: dict[str, dict[str, dict]]) -> list[str]:
             if ours is None:
                 lines.append(f"{head} | | | | at least {allowed:g} | not run yet |")
                 continue
-            value = 100 * ours["eval"][metric]
+            value = 100 * ours.eval[metric]
             met = "yes" if value >= allowed else f"**no**, short by {allowed - value:.2f}"
             lines.append(f"{head} {value:.2f} | | | at least {allowed:g} | {met} |")
             continue
@@ -342,14 +341,14 @@ def target_lines(rows: dict[str, dict[str, dict]]) -> list[str]:
         if ours is None or theirs is None:
             lines.append(f"{head} | | | within {allowed:g} | not run yet |")
             continue
-        a, b = ours["eval"][metric], theirs["eval"][metric]
+        a, b = ours.eval[metric], theirs.eval[metric]
         diff = 100 * (a - b)
         met = "yes" if diff >= -allowed else f"**no**, short by {-diff - allowed:.2f}"
         lines.append(f"{head} {points(a)} | {points(b)} | {diff:+.2f} | within {allowed:g} | {met} |")
     return lines
 
 
-def carried_over(rows: dict[str, dict[str, dict]], previous: Path) -> list[str]:
+def carried_over(rows: dict[str, dict[str, Metrics]], previous: Path) -> list[str]:
     """Fill in, from the report's earlier JSON, the rows whose run folders are not here; return their names.
 
     A benchmark re-run for one method (after a change to it) keeps the other methods' measured rows.
@@ -360,19 +359,19 @@ def carried_over(rows: dict[str, dict[str, dict]], previous: Path) -> list[str]:
     for task, methods in json.loads(previous.read_text(encoding="utf-8")).items():
         for method, metrics in methods.items():
             if task in TASKS and method in METHODS and method not in rows.get(task, {}):
-                rows.setdefault(task, {})[method] = metrics
+                rows.setdefault(task, {})[method] = Metrics.from_json(metrics)
                 carried.append(f"{task} {method} ({metrics['finished_at'][:10]})")
     for task, methods in rows.items():  # the report's order, whichever rows came from where
         rows[task] = {m: methods[m] for m in METHODS if m in methods}
     return carried
 
 
-def versions_line(rows: dict[str, dict[str, dict]]) -> str:
+def versions_line(rows: dict[str, dict[str, Metrics]]) -> str:
     """The library versions of the runs; where rows differ, which rows ran on which."""
     groups: dict[str, list[str]] = {}
     for task, methods in rows.items():
         for method, metrics in methods.items():
-            text = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
+            text = ", ".join(f"{k} {v}" for k, v in metrics.versions.items())
             groups.setdefault(text, []).append(f"{task} {method}")
     if len(groups) <= 1:
         return "Versions: " + (next(iter(groups)) if groups else ", ".join(library_versions().values())) + "."
@@ -382,7 +381,7 @@ def versions_line(rows: dict[str, dict[str, dict]]) -> str:
 def write_report(runs: Path, report: Path) -> None:
     rows = load_rows(runs)
     carried = carried_over(rows, report.with_suffix(".json"))
-    devices = sorted({m["device"] for task in rows.values() for m in task.values()})
+    devices = sorted({m.device for task in rows.values() for m in task.values()})
     lines = [
         "# Quality benchmark: adapters against full fine-tuning on GLUE",
         "",
@@ -445,7 +444,11 @@ def write_report(runs: Path, report: Path) -> None:
     if notes.is_file():
         lines += ["", "## Notes (written by hand)", "", notes.read_text(encoding="utf-8").strip()]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (report.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (report.with_suffix(".json")).write_text(
+        json.dumps({task: {m: r.to_json() for m, r in methods.items()} for task, methods in rows.items()}, indent=1)
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"report: {report}", flush=True)
 
 

@@ -123,15 +123,19 @@ def test_a_mistake_is_reported_before_any_output_and_before_a_folder_clash(in_tm
 
 def test_summary_line_names_the_base_precision_and_the_epoch():
     from peftune.cli import summary_line
+    from peftune.record import Metrics
 
     primary = {"name": "accuracy", "value": 0.875, "epoch": 1.0}
-    record = {"name": "q", "primary_metric": primary, "eval_samples": 240, "method": "lora", "quantization": "8bit",
-              "trainable_parameters": 1234, "train_runtime_s": 12.3}  # fmt: skip
-    assert summary_line(record) == (
+    record = {"name": "q", "method": "lora", "base_model": "b", "primary_metric": primary, "eval": {},
+              "trainable_parameters": 1234, "total_parameters": 5678, "trainable_share": 0.2, "train_samples": 800,
+              "eval_samples": 240, "train_runtime_s": 12.3, "quantization": "8bit"}  # fmt: skip
+    assert summary_line(Metrics.from_json(record)) == (
         "q: accuracy 0.8750 on 240 eval examples (lora on an 8-bit base, 1,234 trainable parameters, 12 s, epoch 1)"
     )
-    old = {**record, "primary_metric": {"name": "accuracy", "value": 0.875}}  # runs before the epoch was recorded
+    # Runs before the epoch was recorded, and before 0.2, which said `load_in_8bit`.
+    old = {**record, "primary_metric": {"name": "accuracy", "value": 0.875}, "load_in_8bit": False}
     del old["quantization"]
+    old = Metrics.from_json(old)
     assert summary_line(old).endswith("(lora, 1,234 trainable parameters, 12 s)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -199,3 +200,23 @@ def test_sweep_trains_the_grid_reports_and_resumes(tiny_bert, reviews, tmp_path)
     # The same folder with other settings is not silently reused.
     with pytest.raises(PeftuneError, match=r"method=full was trained with other settings than this sweep's"):
         sweep(recipe, grids, ["train.num_train_epochs=3"], folder, echo=lambda _: None)
+
+
+def test_metrics_json_is_read_and_written_through_one_typed_record(runs):
+    from peftune.record import Metrics
+
+    for path in runs.values():
+        on_disk = metrics_of(path)
+        assert Metrics.from_json(on_disk).to_json() == on_disk, "the record reads back every key, in order"
+        assert list(on_disk) == [f.name for f in dataclasses.fields(Metrics)]
+    old = {**metrics_of(runs["lora8"]), "load_in_8bit": True}  # a run before 0.2
+    del old["quantization"], old["base_model_path"]
+    assert Metrics.from_json(old).quantization == "8bit" and Metrics.from_json(old).base_model_path is None
+
+
+def test_every_comparison_column_is_a_field_of_the_metrics_record():
+    from peftune.compare import COLUMNS
+    from peftune.record import Metrics
+
+    computed = {"run", "metric_name", "metric"}  # the folder, and the primary metric's name and value
+    assert {key for key, _ in COLUMNS} - computed <= {f.name for f in dataclasses.fields(Metrics)}

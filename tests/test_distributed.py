@@ -40,13 +40,13 @@ def test_two_processes_share_the_work_and_write_one_run(tiny_bert, reviews, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
 
-    assert single["world_size"] == 1 and ddp["world_size"] == 2
-    assert single["global_steps"] == 16 and ddp["global_steps"] == 8, "the optimizer steps per epoch halve"
-    assert same_batch["global_steps"] == ddp["global_steps"]
-    print("eval, two processes:", ddp["eval"], "one process, same effective batch:", same_batch["eval"])
-    assert abs(ddp["eval"]["loss"] - same_batch["eval"]["loss"]) < LOSS_TOLERANCE
-    assert abs(ddp["eval"]["accuracy"] - same_batch["eval"]["accuracy"]) < ACCURACY_TOLERANCE
-    assert ddp["eval_samples"] == single["eval_samples"] == 32
+    assert single.world_size == 1 and ddp["world_size"] == 2
+    assert single.global_steps == 16 and ddp["global_steps"] == 8, "the optimizer steps per epoch halve"
+    assert same_batch.global_steps == ddp["global_steps"]
+    print("eval, two processes:", ddp["eval"], "one process, same effective batch:", same_batch.eval)
+    assert abs(ddp["eval"]["loss"] - same_batch.eval["loss"]) < LOSS_TOLERANCE
+    assert abs(ddp["eval"]["accuracy"] - same_batch.eval["accuracy"]) < ACCURACY_TOLERANCE
+    assert ddp["eval_samples"] == single.eval_samples == 32
     # The other rank computed the same eval result (Trainer gathers predictions from every process).
     other = re.search(r"rank 1 of 2: eval (\{.*\})", done.stderr)
     assert other, done.stderr[-2000:]

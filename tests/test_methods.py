@@ -32,7 +32,7 @@ def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
 
     run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, "model.quantization=8bit")
     metrics = run.read_metrics()
-    assert metrics["quantization"] == "8bit"
+    assert metrics.quantization == "8bit"
     model, _, _ = load_run(run)
     int8 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert int8, "the base's linear layers are int8"
@@ -43,7 +43,7 @@ def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
     assert difference < 1e-4
     (tmp_path / "fp32").mkdir()
     fp32, _ = train_tiny(tmp_path / "fp32", tiny_models(arch), reviews)
-    assert metrics["model_memory_mb"] < fp32.read_metrics()["model_memory_mb"]
+    assert metrics.model_memory_mb < fp32.read_metrics().model_memory_mb
 
 
 def test_8bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews):
@@ -55,12 +55,12 @@ def test_8bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews):
 
 def test_new_modules_are_trained_and_saved(tmp_path, tiny_models, reviews):
     run, _ = train_tiny(tmp_path, tiny_models("deberta-v2"), reviews)
-    assert run.read_metrics()["fresh_modules"] == ["classifier", "pooler"]
+    assert run.read_metrics().fresh_modules == ["classifier", "pooler"]
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert {"classifier", "pooler"} <= set(config["modules_to_save"])
     (tmp_path / "d").mkdir()
     run, _ = train_tiny(tmp_path / "d", tiny_models("distilbert"), reviews)
-    assert run.read_metrics()["fresh_modules"] == ["classifier", "pre_classifier"]
+    assert run.read_metrics().fresh_modules == ["classifier", "pre_classifier"]
 
 
 def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_models, reviews):

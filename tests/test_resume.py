@@ -81,11 +81,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case
     resumed = peftune("train", recipe, *settings, "--output-dir", str(crashed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((crashed / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == resume_at and whole["resumed_from_step"] is None
-    assert metrics["global_steps"] == whole["global_steps"] == 16
-    print("eval, uninterrupted:", whole["eval"], "resumed:", metrics["eval"])
-    assert metrics["eval"]["loss"] == pytest.approx(whole["eval"]["loss"], abs=TOLERANCE)
-    assert metrics["eval"]["accuracy"] == whole["eval"]["accuracy"]
+    assert metrics["resumed_from_step"] == resume_at and whole.resumed_from_step is None
+    assert metrics["global_steps"] == whole.global_steps == 16
+    print("eval, uninterrupted:", whole.eval, "resumed:", metrics["eval"])
+    assert metrics["eval"]["loss"] == pytest.approx(whole.eval["loss"], abs=TOLERANCE)
+    assert metrics["eval"]["accuracy"] == whole.eval["accuracy"]
     ours = load_file(crashed / "adapter" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -96,9 +96,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 16
     assert metrics["train_loss"] == pytest.approx(sum(losses[resume_at:]) / (16 - resume_at), abs=1e-4)
-    assert whole["train_loss"] == pytest.approx(sum(losses) / 16, abs=1e-4)
+    assert whole.train_loss == pytest.approx(sum(losses) / 16, abs=1e-4)
     # The time of the whole run: the part before the checkpoint plus the resumed part.
-    assert 1000 < metrics["train_runtime_s"] < 1000 + 10 * whole["train_runtime_s"]
+    assert 1000 < metrics["train_runtime_s"] < 1000 + 10 * whole.train_runtime_s
 
 
 def test_resume_refuses_what_it_cannot_continue(recipe, tmp_path):

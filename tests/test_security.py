@@ -41,7 +41,7 @@ def test_pickle_weights_are_refused_unless_the_recipe_allows_them(tiny_bert, rev
     assert not (tmp_path / "refused" / "metrics.json").exists()
 
     run = train(load_recipe(recipe, ["model.allow_pickle=true"]), output_dir=tmp_path / "allowed")
-    assert run.read_metrics()["eval_samples"] == 32
+    assert run.read_metrics().eval_samples == 32
 
     # A model folder given to predict is read from safetensors only, too.
     merged = pickled_copy(tiny_bert, tmp_path / "folder")

@@ -22,29 +22,29 @@ def data_dir(shared_data, monkeypatch):
 
 def test_quickstart_is_clearly_above_chance(tmp_path):
     metrics = train(load_recipe("quickstart"), output_dir=tmp_path / "run").read_metrics()
-    assert metrics["primary_metric"]["value"] >= 0.8
+    assert metrics.primary_metric.value >= 0.8
 
 
 def test_sst2_lora_defaults_reach_83_percent_in_one_epoch(tmp_path, data_dir):
     recipe = load_recipe("sst2-minilm", SHORT)
     assert recipe.method == "lora" and "learning_rate" not in recipe.train
     metrics = train(recipe, output_dir=tmp_path / "lora").read_metrics()
-    assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
-    assert metrics["eval"]["accuracy"] >= 0.83
+    assert metrics.train_samples == 8000 and metrics.eval_samples == 872
+    assert metrics.eval["accuracy"] >= 0.83
 
 
 def test_sst2_full_runs_with_its_own_learning_rate(tmp_path, data_dir):
     metrics = train(load_recipe("sst2-minilm", [*SHORT, "method=full"]), output_dir=tmp_path / "full").read_metrics()
-    assert metrics["learning_rate"] == pytest.approx(5e-5)
-    assert metrics["eval"]["accuracy"] >= 0.8
+    assert metrics.learning_rate == pytest.approx(5e-5)
+    assert metrics.eval["accuracy"] >= 0.8
 
 
 @pytest.mark.parametrize("overrides", [["method=prefix"], ["model.quantization=8bit"]], ids=["prefix", "lora-8bit"])
 def test_sst2_prefix_and_8bit_lora_complete(tmp_path, data_dir, overrides):
     metrics = train(load_recipe("sst2-minilm", [*SHORT, *overrides]), output_dir=tmp_path / "run").read_metrics()
-    assert metrics["train_samples"] == 8000 and metrics["eval_samples"] == 872
-    assert metrics["quantization"] == ("8bit" if "model.quantization=8bit" in overrides else "none")
-    assert metrics["eval"]["accuracy"] >= 0.75, "clearly learned (chance is 0.51)"
+    assert metrics.train_samples == 8000 and metrics.eval_samples == 872
+    assert metrics.quantization == ("8bit" if "model.quantization=8bit" in overrides else "none")
+    assert metrics.eval["accuracy"] >= 0.75, "clearly learned (chance is 0.51)"
 
 
 def test_sst2_merged_lora_in_a_plain_pipeline_agrees_with_predict(tmp_path, data_dir):

@@ -325,12 +325,12 @@ def test_the_adapter_folder_names_its_base_portably_and_its_card_loads_it(tmp_pa
     assert config["base_model_name_or_path"] == "pkg://tinybase/model"
     assert config["modules_to_save"] == sorted(set(config["modules_to_save"]))
     metrics = run.read_metrics()
-    assert metrics["base_model"] == "pkg://tinybase/model"
-    assert metrics["base_model_path"] == str(site / "tinybase" / "model")
+    assert metrics.base_model == "pkg://tinybase/model"
+    assert metrics.base_model_path == str(site / "tinybase" / "model")
 
     card = (run.adapter_dir / "README.md").read_text()
     assert "More Information Needed" not in card and "library_name: peft" in card
-    assert f"**{metrics['primary_metric']['value']:.4f}**" in card and "`negative`, `positive`" in card
+    assert f"**{metrics.primary_metric.value:.4f}**" in card and "`negative`, `positive`" in card
     assert f"peftune predict {run.path}" in card and str(site) not in card
     code = re.search(r"```python\n(.+?)```", card, flags=re.S).group(1)
     namespace: dict = {}

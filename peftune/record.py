@@ -1,0 +1,76 @@
+"""metrics.json, typed: what `train` writes when a run completes, and what every later command reads.
+
+`Metrics.from_json` also reads the records of earlier peftune versions (a key they lack takes its default;
+`load_in_8bit` becomes `quantization`); `to_json` writes the keys in the order of the fields below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class Primary:
+    """The run's primary metric: its name, its value, and the epoch the kept weights come from."""
+
+    name: str
+    value: float | None
+    epoch: float | None = None
+
+
+@dataclass(kw_only=True)
+class Metrics:
+    """What the run is, how well it did, what it cost, and with what software."""
+
+    name: str
+    method: str
+    base_model: str  # as the recipe names it: a Hub id, a pkg:// path or a folder
+    base_model_path: str | None = None  # where it was read from on the training machine
+    problem_type: str | None = None
+    num_labels: int | None = None
+    primary_metric: Primary
+    eval: dict[str, Any]  # the final evaluation, metric name -> value (and the eval loss)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # each evaluation during training
+    trainable_parameters: int
+    total_parameters: int
+    trainable_share: float
+    fresh_modules: list[str] = field(default_factory=list)  # new in the model, trained in full
+    learning_rate: float | None = None
+    train_samples: int
+    eval_samples: int
+    global_steps: int | None = None
+    world_size: int | None = None
+    resumed_from_step: int | None = None
+    fit: dict[str, Any] | None = None  # what `train --fit` chose
+    tokenize_s: float | None = None
+    train_runtime_s: float
+    eval_during_training_s: float | None = None
+    train_samples_per_second: float | None = None  # the evaluations during training left out
+    train_tokens_per_second: float | None = None  # non-padding tokens
+    train_loss: float | None = None
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None  # cuda_max_allocated, or process_max_rss on a CPU
+    model_memory_mb: float | None = None  # the loaded model's parameters and buffers
+    weights_mb: float | None = None  # the saved adapter or model on disk
+    standalone_model_mb: float | None = None  # a standalone model of this run (an adapter merged into its base)
+    quantization: str = "none"  # the base's linear layers in training: none, 8bit or 4bit
+    device: str | None = None
+    dtype: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    recipe_sha256: str | None = None
+    finished_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Metrics:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["primary_metric"] = Primary(**data["primary_metric"])
+        if "quantization" not in data:  # before 0.2
+            values["quantization"] = "8bit" if data.get("load_in_8bit") else "none"
+        return cls(**values)
