@@ -18,7 +18,7 @@ from peftune import rundir
 from peftune.errors import PeftuneError
 from peftune.merge import DTYPES, checked_merge
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, OnnxClassifier, load_target, pushed_run, require_onnx
+from peftune.modeling import LoadedModel, OnnxClassifier, Target, load_target, require_onnx, resolve_target
 from peftune.predict import batched_logits
 from peftune.recipe import load_recipe
 
@@ -40,17 +40,22 @@ def export_model(
         raise PeftuneError("ONNX export writes float32; leave --dtype out (or export safetensors in a half dtype)")
     if fmt == "onnx":
         require_onnx("ONNX export")
-    local = Path(target).exists()
-    # A Hub id is a run `peftune push` uploaded (downloaded, records and all) or another model; the export of
-    # either goes to ./NAME-export-FORMAT.
-    source = Path(target) if local else pushed_run(str(target)) or Path(target)
+    resolved = resolve_target(target)
+    if resolved.kind == "onnx":
+        raise PeftuneError(
+            f"{target} is already an ONNX export; export the run or merged folder it came from "
+            f"(its {rundir.EXPORT_FILE} names it)"
+        )
+    # The export of a Hub id (a run `peftune push` uploaded, or another model) goes to ./NAME-export-FORMAT.
     name = rundir.export_dir(fmt)
-    default = source / name if local else Path(f"{str(target).split('/')[-1]}-{name}")
+    default = (
+        resolved.path / name if resolved.local and resolved.path else Path(f"{resolved.given.split('/')[-1]}-{name}")
+    )
     destination = Path(output) if output else default
     if destination.exists():
         raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
 
-    loaded, merge_check = _standalone(source if source.exists() else target, fmt)
+    loaded, merge_check = _standalone(resolved, fmt)
     with rundir.staged(destination) as partial:
         partial.mkdir(parents=True)
         if fmt == "onnx":
@@ -62,9 +67,10 @@ def export_model(
             check = {}
         loaded.tokenizer.save_pretrained(partial)
         _config_of(loaded.model).save_pretrained(partial)
-        rundir.copy_records(source, partial)
+        if resolved.path is not None:
+            rundir.copy_records(resolved.path, partial)
         record = {
-            "source": str(source.resolve()) if source.exists() else str(target),
+            "source": str(resolved.path.resolve()) if resolved.local and resolved.path else resolved.given,
             "format": fmt,
             "dtype": dtype,
             "check": check,
@@ -75,29 +81,22 @@ def export_model(
     return destination, record
 
 
-def _standalone(target: str | Path, fmt: str) -> tuple[LoadedModel, dict[str, Any] | None]:
+def _standalone(resolved: Target, fmt: str) -> tuple[LoadedModel, dict[str, Any] | None]:
     """The model to export: a full or merged model as loaded, or an adapter run merged into its base and
     checked as `merge` checks it; with the merge's check, if there was one."""
-    path = Path(target)
-    if path.is_dir() and (path / rundir.RECIPE_FILE).is_file() and not (path / rundir.MODEL_CONFIG).is_file():
-        run = rundir.open_run(path)
-        recipe = load_recipe(str(run.recipe_file))
-        method = METHODS[recipe.method]
-        if method.mergeable:
-            return checked_merge(run, recipe, "float32")
-        if method.is_adapter and fmt == "safetensors":
-            raise PeftuneError(
-                f"{recipe.method} adapters have no standalone weights to export: the adapter folder "
-                f"{run.adapter_dir} is already safetensors; export --format onnx for a standalone model"
-            )
-        return load_target(path), None
-    loaded = load_target(target)
-    if isinstance(loaded.model, OnnxClassifier):
+    if resolved.kind != "run" or resolved.path is None:
+        return load_target(resolved), None
+    run = rundir.open_run(resolved.path)
+    recipe = load_recipe(str(run.recipe_file))
+    method = METHODS[recipe.method]
+    if method.mergeable:
+        return checked_merge(run, recipe, "float32")
+    if method.is_adapter and fmt == "safetensors":
         raise PeftuneError(
-            f"{target} is already an ONNX export; export the run or merged folder it came from "
-            f"(its {rundir.EXPORT_FILE} names it)"
+            f"{recipe.method} adapters have no standalone weights to export: the adapter folder "
+            f"{run.adapter_dir} is already safetensors; export --format onnx for a standalone model"
         )
-    return loaded, None
+    return load_target(resolved), None
 
 
 def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:

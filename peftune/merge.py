@@ -19,7 +19,7 @@ from peftune import pooling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, load_base_model, load_target, pushed_run
+from peftune.modeling import LoadedModel, load_base_model, load_target, resolve_target
 from peftune.predict import batched_logits
 from peftune.recipe import Recipe, load_recipe
 
@@ -37,10 +37,14 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
 
     `run_path` may also be the Hub id of an adapter `peftune push` uploaded; its merge goes to ./NAME-merged.
     """
-    pushed = None if Path(run_path).exists() else pushed_run(str(run_path))
-    if pushed and output is None:
-        output = Path(f"{str(run_path).split('/')[-1]}-merged")
-    run = rundir.open_run(pushed or run_path)
+    resolved = resolve_target(run_path)
+    if resolved.kind != "run" or resolved.path is None:
+        what = {"model": "a standalone model (a full run's model, a merge or an export)", "onnx": "an ONNX export",
+                "hub": "a Hub model without a peftune run"}[resolved.kind]  # fmt: skip
+        raise PeftuneError(f"{run_path} is {what}: there is no adapter to merge; give the run folder it came from")
+    if resolved.pushed and output is None:
+        output = Path(f"{resolved.given.split('/')[-1]}-merged")
+    run = rundir.open_run(resolved.path)
     recipe = load_recipe(str(run.recipe_file))
     method = METHODS[recipe.method]
     if not method.is_adapter:

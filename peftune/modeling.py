@@ -377,25 +377,69 @@ class LoadedModel:
     samples: list[dict[str, Any]]  # eval rows kept with it, for checks; may be empty
 
 
-def load_target(target: str | Path) -> LoadedModel:
-    """Load what `eval`, `predict`, `merge` and `export` work on: a run folder, a model folder, or a Hub id."""
+@dataclass(frozen=True)
+class Target:
+    """What a command was pointed at, decided in one place.
+
+    `kind`: "run" (a run folder, or a run `peftune push` uploaded, downloaded), "model" (a standalone
+    transformers folder: a full run's model, a merge, a safetensors export), "onnx" (an ONNX export) or "hub"
+    (any other Hub model id). `path` is the local folder, None for "hub".
+    """
+
+    kind: str
+    path: Path | None
+    given: str  # as the user wrote it
+    pushed: bool = False  # a Hub id of a pushed run
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None and not self.pushed
+
+
+def resolve_target(target: str | Path) -> Target:
+    """Decide what `target` is: a local folder by the files it holds, else a Hub id (a pushed run, or a model)."""
+    given = str(target)
     path = Path(target).expanduser()
     if path.is_dir():
-        if (path / ONNX_FILE).is_file():
-            return _load_onnx_folder(path)
-        if (path / MODEL_CONFIG).is_file():
-            return _load_model_folder(path)
-        if (path / RECIPE_FILE).is_file():
-            run = open_run(path)
-            model, tokenizer, labels = load_run(run)
-            recipe = load_recipe(str(run.recipe_file))
-            samples = run.read_samples() if run.samples_file.is_file() else []
-            return LoadedModel(model, tokenizer, labels, recipe, samples)
-        raise PeftuneError(f"{path} holds neither a peftune run (recipe.yaml) nor a model (config.json)")
-    if path.exists() or _looks_local(str(target)):
-        raise PeftuneError(f"{target} is not a run folder or a model folder; give the folder `peftune train` wrote")
-    pushed = pushed_run(str(target))
-    return load_target(pushed) if pushed else _load_hub_model(str(target))
+        return Target(_folder_kind(path), path, given)
+    if path.exists():
+        raise PeftuneError(
+            f"{target} is a file, not a run folder or a model folder; give the folder `peftune train` wrote"
+        )
+    if _looks_local(given):
+        raise PeftuneError(
+            f"{target} not found: not a run folder, a model folder or a Hub id; check the path"
+        )
+    pushed = pushed_run(given)
+    if pushed is None:
+        return Target("hub", None, given)
+    return Target(_folder_kind(pushed), pushed, given, pushed=True)
+
+
+def _folder_kind(path: Path) -> str:
+    if (path / ONNX_FILE).is_file():
+        return "onnx"
+    if (path / MODEL_CONFIG).is_file():
+        return "model"
+    if (path / RECIPE_FILE).is_file():
+        return "run"
+    raise PeftuneError(f"{path} holds neither a peftune run ({RECIPE_FILE}) nor a model ({MODEL_CONFIG})")
+
+
+def load_target(target: str | Path | Target) -> LoadedModel:
+    """Load what `eval`, `predict`, `merge` and `export` work on: a run folder, a model folder, or a Hub id."""
+    resolved = target if isinstance(target, Target) else resolve_target(target)
+    if resolved.path is None:
+        return _load_hub_model(resolved.given)
+    if resolved.kind == "onnx":
+        return _load_onnx_folder(resolved.path)
+    if resolved.kind == "model":
+        return _load_model_folder(resolved.path)
+    run = open_run(resolved.path)
+    model, tokenizer, labels = load_run(run)
+    recipe = load_recipe(str(run.recipe_file))
+    samples = run.read_samples() if run.samples_file.is_file() else []
+    return LoadedModel(model, tokenizer, labels, recipe, samples)
 
 
 def pushed_run(repo_id: str) -> Path | None:

@@ -105,6 +105,9 @@ def test_merge_refusals(runs, tmp_path):
     message = one_line_error(merge_adapter, runs["full"])
     assert "nothing to merge" in message and str(runs["full"] / "model") in message
     assert "not found" in one_line_error(merge_adapter, tmp_path / "no-run")
+    merged = merge_adapter(runs["lora"], output=tmp_path / "merged")
+    message = one_line_error(merge_adapter, merged)
+    assert "is a standalone model" in message and "no adapter to merge" in message
     broken = tmp_path / "broken"
     shutil.copytree(runs["lora"], broken)
     (broken / "metrics.json").unlink()
