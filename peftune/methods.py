@@ -33,7 +33,6 @@ class Method:
     """One way of fine-tuning: its recipe block's defaults, the peft config it builds, what it needs."""
 
     name: str
-    summary: str
     defaults: dict[str, Any]
     peft_config_class: str | None = None  # None: the whole model is trained, no adapter
     virtual_tokens: bool = False  # prompt learning: trained vectors prepended to the input or the cache
@@ -128,12 +127,12 @@ METHODS: dict[str, Method] = {
     for m in (
         Method(
             name="full",
-            summary="train every weight of the model",
+            # train every weight of the model
             defaults={"learning_rate": 5.0e-5},
         ),
         Method(
             name="lora",
-            summary="low-rank adapters on the attention projections (peft LoraConfig)",
+            # low-rank adapters on the attention projections (peft LoraConfig)
             defaults={
                 # The LoRA paper's setting: the attention's query and value projections (target_modules null:
                 # per architecture, lora_default_targets), no dropout, so that peft takes its dropout-free path
@@ -153,7 +152,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="prefix",
-            summary="trained key/value prefixes in every attention layer (peft PrefixTuningConfig)",
+            # trained key/value prefixes in every attention layer (peft PrefixTuningConfig)
             defaults={"learning_rate": 1.0e-2, "num_virtual_tokens": 20, "prefix_projection": False},
             peft_config_class="PrefixTuningConfig",
             virtual_tokens=True,
@@ -161,14 +160,14 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="prompt",
-            summary="trained soft-prompt embeddings before the input (peft PromptTuningConfig)",
+            # trained soft-prompt embeddings before the input (peft PromptTuningConfig)
             defaults={"learning_rate": 3.0e-2, "num_virtual_tokens": 20},
             peft_config_class="PromptTuningConfig",
             virtual_tokens=True,
         ),
         Method(
             name="ia3",
-            summary="learned rescaling of attention keys/values and feed-forward activations (peft IA3Config)",
+            # learned rescaling of attention keys/values and feed-forward activations (peft IA3Config)
             defaults={"learning_rate": 5.0e-3},
             peft_config_class="IA3Config",
             mergeable=True,

@@ -407,9 +407,7 @@ def resolve_target(target: str | Path) -> Target:
             f"{target} is a file, not a run folder or a model folder; give the folder `peftune train` wrote"
         )
     if _looks_local(given):
-        raise PeftuneError(
-            f"{target} not found: not a run folder, a model folder or a Hub id; check the path"
-        )
+        raise PeftuneError(f"{target} not found: not a run folder, a model folder or a Hub id; check the path")
     pushed = pushed_run(given)
     if pushed is None:
         return Target("hub", None, given)

@@ -86,12 +86,17 @@ def stage(
     if not method.is_adapter:
         weights, library = run.weights_dir(is_adapter=False), "transformers"
     elif merged:
-        weights, library = _merged_folder(run), "transformers"
+        weights, library = run.merged_dir, "transformers"
     else:
         weights, library = run.weights_dir(is_adapter=True), "peft"
-    for file in sorted(weights.iterdir()):
-        if file.is_file() and file.name != rundir.CARD_FILE:
-            shutil.copyfile(file, folder / file.name)
+    with tempfile.TemporaryDirectory(prefix="peftune-merge-") as scratch:
+        if merged and not (weights / rundir.MERGE_FILE).is_file():  # not merged yet: merged here, the run untouched
+            from peftune.merge import merge_adapter
+
+            weights = merge_adapter(run.path, output=Path(scratch) / "merged")
+        for file in sorted(weights.iterdir()):
+            if file.is_file() and file.name != rundir.CARD_FILE:
+                shutil.copyfile(file, folder / file.name)
     rundir.copy_records(run.path, folder, (*rundir.RECORDS, rundir.METRICS_FILE))
     if (folder / rundir.ADAPTER_CONFIG).is_file():  # the Hub copy names the base by its Hub id
         config = json.loads((folder / rundir.ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -127,15 +132,6 @@ def hub_base_model(recipe: Recipe, given: str | None, echo: Callable[[str], Any]
         )
         return None
     return name
-
-
-def _merged_folder(run: rundir.RunDir) -> Path:
-    """The run's merged model, merged now if it was not yet."""
-    if not (run.merged_dir / rundir.MERGE_FILE).is_file():
-        from peftune.merge import merge_adapter
-
-        merge_adapter(run.path)
-    return run.merged_dir
 
 
 def _listing(folder: Path) -> list[tuple[str, int]]:

@@ -58,7 +58,6 @@ _log = logging.getLogger(__name__)
 # How a run's base is named to people (summary line, model card): "" for a float base.
 ON_BASE = {"none": "", "8bit": " on an 8-bit base", "4bit": " on a 4-bit (NF4) base"}
 
-TEXT_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 PACKAGE_SCHEME = "pkg://"
 
 

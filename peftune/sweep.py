@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Plan:
+class GridRun:
     """One combination of the grids: its overrides, or why it does not apply."""
 
     assignments: dict[str, str]
@@ -56,7 +56,7 @@ def parse_grid(item: str) -> tuple[str, list[str]]:
     return key.strip(), choices
 
 
-def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list[Plan]:
+def grid_runs(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list[GridRun]:
     """The runs a sweep makes: the product of the grids, less the settings that do not apply to a run.
 
     A key of another method's block (`lora.r` in a `prefix` run) is dropped from that run, so the product
@@ -71,7 +71,7 @@ def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list
         raise PeftuneError(f"--grid names a key twice ({', '.join(keys)}); give each key one --grid with all values")
     base = load_recipe(spec, overrides)
     config = modeling.config_if_reachable(base.model)
-    plans: dict[tuple[tuple[str, str], ...], Plan] = {}
+    plans: dict[tuple[tuple[str, str], ...], GridRun] = {}
     for values in itertools.product(*(choices for _, choices in axes)):
         assignments = dict(zip(keys, values, strict=True))
         method = str(yaml.safe_load(assignments["method"])) if "method" in assignments else base.method
@@ -82,7 +82,7 @@ def plan(spec: str, grids: Sequence[str], overrides: Sequence[str] = ()) -> list
         if identity in plans:
             continue
         reason = _not_applicable(assignments, method, base, spec, overrides, config)
-        plans[identity] = Plan(assignments, run_name(assignments), reason)
+        plans[identity] = GridRun(assignments, run_name(assignments), reason)
     return list(plans.values())
 
 
@@ -94,7 +94,7 @@ def sweep(
     echo: Any = print,
 ) -> SweepResult:
     """Train every planned run that is not complete yet, then write the report; return what happened."""
-    plans = plan(spec, grids, overrides)
+    plans = grid_runs(spec, grids, overrides)
     base = load_recipe(spec, overrides)
     result = SweepResult(Path(output_dir) if output_dir else rundir.RUNS_DIR / f"{base.name}-sweep")
     result.path.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from peftune.cli import main
 from peftune.compare import collect, compare_runs, render, sort_rows
 from peftune.errors import PeftuneError
-from peftune.sweep import plan, sweep
+from peftune.sweep import grid_runs, sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -118,14 +118,14 @@ def test_compare_refuses_an_incomplete_run(runs, tmp_path):
 
 def test_plan_drops_settings_that_do_not_apply(tiny_models, reviews, tmp_path):
     recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_models("bert"), *reviews))
-    plans = plan(recipe, ["method=full,lora,prefix", "lora.r=2,4"])
+    plans = grid_runs(recipe, ["method=full,lora,prefix", "lora.r=2,4"])
     assert [(p.name, p.skipped) for p in plans] == [
         ("method=full", None),
         ("method=lora,lora.r=2", None),
         ("method=lora,lora.r=4", None),
         ("method=prefix", None),
     ]
-    plans = plan(recipe, ["method=full,lora", "model.quantization=none,4bit"])
+    plans = grid_runs(recipe, ["method=full,lora", "model.quantization=none,4bit"])
     assert [(p.name, p.skipped) for p in plans] == [
         ("method=full,model.quantization=none", None),
         ("method=full,model.quantization=4bit", "full fine-tuning cannot train 4bit weights"),
@@ -133,14 +133,14 @@ def test_plan_drops_settings_that_do_not_apply(tiny_models, reviews, tmp_path):
         ("method=lora,model.quantization=4bit", None),
     ]
     # The spelling before 0.2 is understood too.
-    plans = plan(recipe, ["method=full", "model.load_in_8bit=true"])
+    plans = grid_runs(recipe, ["method=full", "model.load_in_8bit=true"])
     assert [(p.name, p.skipped) for p in plans] == [
         ("method=full,model.load_in_8bit=true", "full fine-tuning cannot train 8bit weights")
     ]
     albert = tmp_path / "albert"  # an architecture prefix tuning does not reach
     albert.mkdir()
     (albert / "config.json").write_text('{"model_type": "albert", "hidden_size": 32, "num_attention_heads": 2}')
-    skipped = {p.name: p.skipped for p in plan(recipe, ["method=lora,prefix"], [f"model.name_or_path={albert}"])}
+    skipped = {p.name: p.skipped for p in grid_runs(recipe, ["method=lora,prefix"], [f"model.name_or_path={albert}"])}
     assert skipped["method=lora"] is None
     assert skipped["method=prefix"].startswith("prefix tuning supports bert, roberta")
 

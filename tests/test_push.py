@@ -83,15 +83,24 @@ def test_adapter_push_uploads_the_staged_folder_byte_for_byte(hub, runs, tmp_pat
     assert len(saved) == len(set(saved)), "each module named once"
 
 
-def test_merged_push_public_on_a_branch(hub, runs):
-    result = push_cli(str(runs["lora"]), "--repo-id", "tester/tiny-merged", "--merged", "--public",
+def test_merged_push_public_on_a_branch(hub, runs, tmp_path):
+    import shutil
+
+    run = shutil.copytree(runs["lora"], tmp_path / "run", ignore=shutil.ignore_patterns("merged"))
+    dry = push_cli(
+        str(run), "--repo-id", "tester/tiny-merged", "--merged", "--dry-run", "--output", str(tmp_path / "d")
+    )
+    assert dry.exit_code == 0 and not (run / "merged").exists(), "a dry run writes nothing into the run folder"
+    result = push_cli(str(run), "--repo-id", "tester/tiny-merged", "--merged", "--public",
                       "--revision", "v1", "--base-model-id", "tester/tiny-bert")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert not (run / "merged").exists(), "pushing a merge leaves the run folder as it was"
     repo = hub.repos["tester/tiny-merged"]
     assert not repo.private and repo.branches["main"] == {}
     received = repo.branches["v1"]
-    merged = runs["lora"] / "merged"
+    merged = merge_adapter(run, output=tmp_path / "merged")
     assert received["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert received["model.safetensors"] == (tmp_path / "d" / "model.safetensors").read_bytes()
     assert json.loads(received["config.json"])["id2label"] == {"0": "negative", "1": "positive"}
     card = card_of(received["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.base_model == "tester/tiny-bert"
