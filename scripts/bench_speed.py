@@ -179,7 +179,8 @@ def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dic
     merged = infer["peftune predict, merged model"]["sentences_per_s"]
     plain = infer["transformers pipeline, merged model"]["sentences_per_s"]
     targets = [
-        ("peftune LoRA job wall time / tutorial script's", lora["wall_s"] / base["wall_s"], "<= 0.75",
+        ("peftune LoRA job wall time / tutorial script's", lora["wall_s"] / base["wall_s"],
+         "<= 0.75, accuracy at most 1 point below the script's",
          lora["wall_s"] / base["wall_s"] <= 0.75 and lora["accuracy"] >= base["accuracy"] - 0.01),
         ("peftune LoRA train samples/s / peftune full fine-tuning's", lora["samples_per_s"] / full["samples_per_s"],
          ">= 1.5", lora["samples_per_s"] / full["samples_per_s"] >= 1.5),
