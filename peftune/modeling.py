@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from peftune import pooling
 from peftune.data import Labels
@@ -377,6 +377,9 @@ class LoadedModel:
     samples: list[dict[str, Any]]  # eval rows kept with it, for checks; may be empty
 
 
+TargetKind = Literal["run", "model", "onnx", "hub"]
+
+
 @dataclass(frozen=True)
 class Target:
     """What a command was pointed at, decided in one place.
@@ -386,7 +389,7 @@ class Target:
     (any other Hub model id). `path` is the local folder, None for "hub".
     """
 
-    kind: str
+    kind: TargetKind
     path: Path | None
     given: str  # as the user wrote it
     pushed: bool = False  # a Hub id of a pushed run
@@ -414,7 +417,7 @@ def resolve_target(target: str | Path) -> Target:
     return Target(_folder_kind(pushed), pushed, given, pushed=True)
 
 
-def _folder_kind(path: Path) -> str:
+def _folder_kind(path: Path) -> TargetKind:
     if (path / ONNX_FILE).is_file():
         return "onnx"
     if (path / MODEL_CONFIG).is_file():
