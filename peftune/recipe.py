@@ -483,6 +483,10 @@ def _anchor_paths(raw: dict[str, Any], base: Path) -> None:
     """Make relative data files (and `./`-style model paths) absolute, relative to `base`."""
 
     def anchor(path: Any) -> Any:
+        if isinstance(path, str) and "\0" in path:
+            raise PeftuneError(
+                f"the path {path!r} holds a NUL character, which no file name can; fix the recipe or override"
+            )
         if not isinstance(path, str) or "$" in path or "://" in path or os.path.isabs(os.path.expanduser(path)):
             return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
         return str((base / path).resolve())

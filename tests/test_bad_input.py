@@ -101,6 +101,7 @@ CASES: dict[str, Case] = {
         ),
         "prefix.prefix_projection=true cannot keep the best checkpoint",
     ),
+    "NUL in a path": (lambda w: ["validate", w.recipe, 'data.files.train="a\\0b"'], "holds a NUL character"),
     "unset environment variable": (lambda w: train(w, "data.files.train=${NO_SUCH_DIR}/t.csv"), "NO_SUCH_DIR"),
     "run name with a path": (lambda w: ["validate", w.recipe, "name=../evil"], "'../evil' cannot name a run folder"),
     # --- data
