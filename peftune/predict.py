@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def batched_logits(
     device = model.device  # transformers and peft models have one, as does an ONNX export under onnxruntime
     out: np.ndarray | None = None
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="Predicting", unit="batch", disable=not progress or len(starts) < 2):
+    # A bar on a terminal only: in a log file each redraw is another line.
+    shown = progress and len(starts) > 1 and sys.stderr.isatty()
+    for start in tqdm(starts, desc="Predicting", unit="batch", disable=not shown):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({k: [encoded[k][i] for i in index] for k in encoded}, return_tensors="pt")
         with torch.inference_mode():

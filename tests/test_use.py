@@ -293,8 +293,9 @@ def test_commands(runs, tmp_path):
     result = runner.invoke(main, ["predict", str(runs["lora"]), "--text", "Great phone.", "--text", "Awful hotel."])
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["Great phone.", "Awful hotel."]
-    result = runner.invoke(main, ["eval", str(runs["full"]), "--output", str(tmp_path / "e.json")])
+    result = runner.invoke(main, ["eval", str(runs["full"]), "--output", str(tmp_path / "e.json"), "--batch-size", "8"])
     assert result.exit_code == 0 and "accuracy" in result.stdout and "confusion matrix" in result.stdout
+    assert "Predicting" not in result.stderr, "no progress bar when the output is not a terminal (a log file)"
     result = runner.invoke(main, ["merge", str(runs["lora"]), "--output", str(tmp_path / "m")])
     assert result.exit_code == 0 and "max |logit difference|" in result.stdout
     result = runner.invoke(main, ["export", str(runs["full"]), "--format", "onnx", "--output", str(tmp_path / "x")])
