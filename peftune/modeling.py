@@ -13,7 +13,7 @@ from peftune import pooling
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import ModelSpec, Recipe, load_recipe, local_path
+from peftune.recipe import PACKAGE_SCHEME, ModelSpec, Recipe, load_recipe, local_path
 from peftune.rundir import LABELS_FILE, MODEL_CONFIG, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
 
 if TYPE_CHECKING:
@@ -113,6 +113,13 @@ def max_positions(config: PretrainedConfig) -> int | None:
     if config.model_type in PADDING_OFFSET_POSITIONS:
         limit -= (config.pad_token_id or 0) + 1
     return limit
+
+
+def hub_id(spec: ModelSpec) -> str | None:
+    """The base model's Hub id, or None when it is a folder on this machine (a path, or a pkg:// reference)."""
+    if spec.name_or_path.startswith(PACKAGE_SCHEME):  # without resolving it: the package may not be installed here
+        return None
+    return None if is_local_model(spec) else spec.name_or_path
 
 
 def is_local_model(spec: ModelSpec) -> bool:

@@ -124,13 +124,12 @@ def hub_base_model(recipe: Recipe, given: str | None, echo: Callable[[str], Any]
     if given:
         check_repo_id(given)
         return given
-    name = recipe.model.name_or_path
-    if name.startswith("pkg://") or modeling.is_local_model(recipe.model):
+    name = modeling.hub_id(recipe.model)
+    if name is None:
         echo(
-            f"warning: the base model was loaded from {name}, not a Hub id; the card leaves base_model out "
-            "(pass --base-model-id ORG/NAME to name it)"
+            f"warning: the base model was loaded from {recipe.model.name_or_path}, not a Hub id; the card leaves "
+            "base_model out (pass --base-model-id ORG/NAME to name it)"
         )
-        return None
     return name
 
 

@@ -27,7 +27,7 @@ class Metrics:
     name: str
     method: str
     base_model: str  # as the recipe names it: a Hub id, a pkg:// path or a folder
-    base_model_path: str | None = None  # where it was read from on the training machine
+    base_model_path: str | None = None  # the folder it was read from on the training machine (None: a Hub id)
     problem_type: str | None = None
     num_labels: int | None = None
     primary_metric: Primary

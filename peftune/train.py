@@ -214,11 +214,13 @@ def train(
     samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
     run.write_text(rundir.SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
 
+    base_id = modeling.hub_id(recipe.model)
     record = Metrics(
         name=recipe.name,
         method=recipe.method,
         base_model=recipe.model.name_or_path,
-        base_model_path=local_path(recipe.model.name_or_path, "model.name_or_path"),  # as read on this machine
+        # The folder the base was read from on this machine (a Hub id is its own name: none).
+        base_model_path=None if base_id else local_path(recipe.model.name_or_path, "model.name_or_path"),
         problem_type=labels.problem_type,
         num_labels=labels.num_labels,
         primary_metric=Primary(
@@ -260,7 +262,6 @@ def train(
     )
     if METHODS[recipe.method].is_adapter:  # peft's README.md is an empty template: a card that says what this is
         place = card.folder_place(recipe.name, weights, run.path)
-        base_id = None if modeling.is_local_model(recipe.model) else recipe.model.name_or_path
         text = card.model_card(recipe, record, labels, place, "peft", base_id)
         (weights / rundir.CARD_FILE).write_text(text, encoding="utf-8")
     run.write_json(rundir.METRICS_FILE, record.to_json())  # last: its presence marks the run complete
