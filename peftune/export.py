@@ -48,9 +48,8 @@ def export_model(
         )
     # The export of a Hub id (a run `peftune push` uploaded, or another model) goes to ./NAME-export-FORMAT.
     name = rundir.export_dir(fmt)
-    default = (
-        resolved.path / name if resolved.local and resolved.path else Path(f"{resolved.given.split('/')[-1]}-{name}")
-    )
+    folder = resolved.local_folder
+    default = folder / name if folder else Path(f"{resolved.given.split('/')[-1]}-{name}")
     destination = Path(output) if output else default
     if destination.exists():
         raise PeftuneError(f"{destination} already exists; choose another --output or remove it first")
@@ -70,7 +69,7 @@ def export_model(
         if resolved.path is not None:
             rundir.copy_records(resolved.path, partial)
         record = {
-            "source": str(resolved.path.resolve()) if resolved.local and resolved.path else resolved.given,
+            "source": str(folder.resolve()) if folder else resolved.given,
             "format": fmt,
             "dtype": dtype,
             "check": check,

@@ -402,8 +402,9 @@ class Target:
     pushed: bool = False  # a Hub id of a pushed run
 
     @property
-    def local(self) -> bool:
-        return self.path is not None and not self.pushed
+    def local_folder(self) -> Path | None:
+        """The folder on this machine the user named; None for a Hub id (pushed run or model)."""
+        return None if self.pushed else self.path
 
 
 def resolve_target(target: str | Path) -> Target:
