@@ -48,7 +48,7 @@ def collect(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         raise PeftuneError("give at least one run folder to compare")
     rows = []
     for path in paths:
-        run = rundir.open_run(path)
+        run = rundir.complete_run(path)
         rows.append(row_of(run.path, run.read_metrics()))
     return rows
 
@@ -166,7 +166,7 @@ def compare_runs(
         raise PeftuneError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
     rows = sort_rows(collect(paths), sort)
     if plot_file:
-        histories = [rundir.open_run(row["run"]).read_metrics().eval_history for row in rows]
+        histories = [rundir.complete_run(row["run"]).read_metrics().eval_history for row in rows]
         plot(rows, histories, plot_file)
     return render(rows, fmt)
 

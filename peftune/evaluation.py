@@ -12,8 +12,7 @@ import numpy as np
 from peftune import metrics, rundir
 from peftune.data import load_splits
 from peftune.errors import PeftuneError
-from peftune.modeling import load_target
-from peftune.predict import batched_logits
+from peftune.inference import batched_logits, load_target
 from peftune.recipe import apply_override, parse_recipe
 
 

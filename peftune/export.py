@@ -16,10 +16,17 @@ import numpy as np
 
 from peftune import rundir
 from peftune.errors import PeftuneError
+from peftune.inference import (
+    LoadedModel,
+    OnnxClassifier,
+    Target,
+    batched_logits,
+    load_target,
+    require_onnx,
+    resolve_target,
+)
 from peftune.merge import DTYPES, checked_merge
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, OnnxClassifier, Target, load_target, require_onnx, resolve_target
-from peftune.predict import batched_logits
 from peftune.recipe import load_recipe
 
 FORMATS = ("onnx", "safetensors")
@@ -85,7 +92,7 @@ def _standalone(resolved: Target, fmt: str) -> tuple[LoadedModel, dict[str, Any]
     checked as `merge` checks it; with the merge's check, if there was one."""
     if resolved.kind != "run" or resolved.path is None:
         return load_target(resolved), None
-    run = rundir.open_run(resolved.path)
+    run = rundir.complete_run(resolved.path)
     recipe = load_recipe(str(run.recipe_file))
     method = METHODS[recipe.method]
     if method.mergeable:

@@ -18,9 +18,9 @@ import numpy as np
 from peftune import pooling, rundir
 from peftune.data import Labels
 from peftune.errors import PeftuneError
+from peftune.inference import LoadedModel, batched_logits, load_target, resolve_target
 from peftune.methods import METHODS
-from peftune.modeling import LoadedModel, load_base_model, load_target, resolve_target
-from peftune.predict import batched_logits
+from peftune.modeling import load_base_model
 from peftune.recipe import Recipe, load_recipe
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -44,7 +44,7 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
         raise PeftuneError(f"{run_path} is {what}: there is no adapter to merge; give the run folder it came from")
     if resolved.pushed and output is None:
         output = Path(f"{resolved.given.split('/')[-1]}-merged")
-    run = rundir.open_run(resolved.path)
+    run = rundir.complete_run(resolved.path)
     recipe = load_recipe(str(run.recipe_file))
     method = METHODS[recipe.method]
     if not method.is_adapter:

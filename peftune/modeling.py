@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from peftune import pooling
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
-from peftune.recipe import PACKAGE_SCHEME, ModelSpec, Recipe, load_recipe, local_path
-from peftune.rundir import LABELS_FILE, MODEL_CONFIG, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, open_run
+from peftune.recipe import PACKAGE_SCHEME, ModelSpec, Recipe, local_path
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -29,7 +27,7 @@ HEAD_NAMES = ("classifier", "score")
 HEAD_PARTS = ("pre_classifier", "pooler")
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """A path rather than a Hub id (`org/name`): absolute, relative with ./ or ~, or deeper than one slash."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
@@ -37,7 +35,7 @@ def _looks_local(name: str) -> bool:
 def _check_reference(name: str) -> None:
     """A missing local folder gets its own message, not the Hub client's complaint about repo ids."""
 
-    if _looks_local(name) and not os.path.exists(name):
+    if looks_local(name) and not os.path.exists(name):
         raise PeftuneError(
             f"model folder {name} not found; check model.name_or_path (a Hub id like org/name, or a local folder)"
         )
@@ -319,12 +317,12 @@ def attach_method(model: PreTrainedModel, recipe: Recipe, fresh: list[str]) -> P
     trained = head_modules(model, fresh, pooler=method.trains_pooler)
     config = method.peft_config(recipe.method_block, model=model, modules_to_save=trained)
     try:
-        return _with_attention_prefix(get_peft_model(model, config))
+        return with_attention_prefix(get_peft_model(model, config))
     except (ValueError, TypeError) as err:
         raise PeftuneError(f"cannot apply {recipe.method} to this model: {first_line(err)}") from None
 
 
-def _with_attention_prefix(model: PeftModel) -> PeftModel:
+def with_attention_prefix(model: PeftModel) -> PeftModel:
     """A prefix-tuning model feeds its prefixes into attention itself (peftune.prefix); other methods as they are."""
     from peft.utils import PeftType
 
@@ -351,202 +349,6 @@ def head_modules(model: nn.Module, fresh: list[str], pooler: bool = True) -> lis
     if pooler and prefix and getattr(getattr(model, prefix, None), "pooler", None) is not None:
         names.add(f"{prefix}.pooler")
     return sorted(name for name in names if not any(name.startswith(other + ".") for other in names))
-
-
-def load_run(run: RunDir) -> tuple[Any, Any, Labels]:
-    """The trained model of a run folder (base plus adapter, or the full model), its tokenizer and labels."""
-    from transformers import AutoModelForSequenceClassification
-
-    recipe = load_recipe(str(run.recipe_file))
-    labels = Labels.read(run.labels_file)
-    method = METHODS[recipe.method]
-    weights = run.weights_dir(method.is_adapter)
-    tokenizer = load_tokenizer(str(weights))
-    if not method.is_adapter:
-        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(weights, use_safetensors=True))
-    else:
-        from peft import PeftModel
-
-        base, _ = load_base_model(recipe.model, labels, compute_dtype(recipe.train))
-        model = _with_attention_prefix(PeftModel.from_pretrained(base, str(weights)))
-    model.eval()
-    return model, tokenizer, labels
-
-
-@dataclass
-class LoadedModel:
-    """A trained classifier ready for inference, with what peftune knows about it."""
-
-    model: Any
-    tokenizer: Any
-    labels: Labels
-    recipe: Recipe | None  # None for a model peftune did not write (a Hub id)
-    samples: list[dict[str, Any]]  # eval rows kept with it, for checks; may be empty
-
-
-TargetKind = Literal["run", "model", "onnx", "hub"]
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a command was pointed at, decided in one place.
-
-    `kind`: "run" (a run folder, or a run `peftune push` uploaded, downloaded), "model" (a standalone
-    transformers folder: a full run's model, a merge, a safetensors export), "onnx" (an ONNX export) or "hub"
-    (any other Hub model id). `path` is the local folder, None for "hub".
-    """
-
-    kind: TargetKind
-    path: Path | None
-    given: str  # as the user wrote it
-    pushed: bool = False  # a Hub id of a pushed run
-
-    @property
-    def local_folder(self) -> Path | None:
-        """The folder on this machine the user named; None for a Hub id (pushed run or model)."""
-        return None if self.pushed else self.path
-
-
-def resolve_target(target: str | Path) -> Target:
-    """Decide what `target` is: a local folder by the files it holds, else a Hub id (a pushed run, or a model)."""
-    given = str(target)
-    path = Path(target).expanduser()
-    if path.is_dir():
-        return Target(_folder_kind(path), path, given)
-    if path.exists():
-        raise PeftuneError(
-            f"{target} is a file, not a run folder or a model folder; give the folder `peftune train` wrote"
-        )
-    if _looks_local(given):
-        raise PeftuneError(f"{target} not found: not a run folder, a model folder or a Hub id; check the path")
-    pushed = pushed_run(given)
-    if pushed is None:
-        return Target("hub", None, given)
-    return Target(_folder_kind(pushed), pushed, given, pushed=True)
-
-
-def _folder_kind(path: Path) -> TargetKind:
-    if (path / ONNX_FILE).is_file():
-        return "onnx"
-    if (path / MODEL_CONFIG).is_file():
-        return "model"
-    if (path / RECIPE_FILE).is_file():
-        return "run"
-    raise PeftuneError(f"{path} holds neither a peftune run ({RECIPE_FILE}) nor a model ({MODEL_CONFIG})")
-
-
-def load_target(target: str | Path | Target) -> LoadedModel:
-    """Load what `eval`, `predict`, `merge` and `export` work on: a run folder, a model folder, or a Hub id."""
-    resolved = target if isinstance(target, Target) else resolve_target(target)
-    if resolved.path is None:
-        return _load_hub_model(resolved.given)
-    if resolved.kind == "onnx":
-        return _load_onnx_folder(resolved.path)
-    if resolved.kind == "model":
-        return _load_model_folder(resolved.path)
-    run = open_run(resolved.path)
-    model, tokenizer, labels = load_run(run)
-    recipe = load_recipe(str(run.recipe_file))
-    samples = run.read_samples() if run.samples_file.is_file() else []
-    return LoadedModel(model, tokenizer, labels, recipe, samples)
-
-
-def pushed_run(repo_id: str) -> Path | None:
-    """A run `peftune push` put on the Hub (it has recipe.yaml), downloaded; None for any other Hub model."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        hf_hub_download(repo_id, RECIPE_FILE)
-    except (HfHubHTTPError, OSError, ValueError):  # not there, not a peftune repository, or offline
-        return None
-    return Path(snapshot_download(repo_id))
-
-
-_SAFETENSORS_ONLY = " (peftune loads safetensors weights only: pickle files can run code when loaded)"
-
-
-def _load_model_folder(path: Path) -> LoadedModel:
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True))
-    except (OSError, ValueError) as err:
-        raise PeftuneError(f"cannot load the model in {path}: {first_line(err)}{_SAFETENSORS_ONLY}") from None
-    model.eval()
-    labels = Labels.read(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else _labels_of(model.config)
-    recipe = load_recipe(str(path / RECIPE_FILE)) if (path / RECIPE_FILE).is_file() else None
-    samples_file = path / SAMPLES_FILE
-    samples = RunDir(path).read_samples() if samples_file.is_file() else []
-    return LoadedModel(model, load_tokenizer(str(path)), labels, recipe, samples)
-
-
-class OnnxClassifier:
-    """An exported `model.onnx` under onnxruntime, called like a transformers classifier: `model(**batch).logits`.
-
-    The graph holds everything the model computes (adapter, prefixes, pooling), so an ONNX export predicts
-    without torch weights, peft or peftune's hooks.
-    """
-
-    device = "cpu"
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime
-
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        # The exporter drops inputs the graph does not use (DeBERTa-v3 has no token types): feed what it takes.
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, **batch: Any) -> Any:
-        import numpy as np
-        import torch
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        feed = {name: np.asarray(batch[name].cpu(), dtype=np.int64) for name in self.input_names}
-        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
-
-
-def require_onnx(what: str, modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
-    """onnx and onnxruntime come with the `onnx` extra; say so when they are missing."""
-    import importlib.util
-
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
-    if missing:
-        raise PeftuneError(f"{what} needs {' and '.join(missing)}: pip install 'peftune[onnx]'")
-
-
-def _load_onnx_folder(path: Path) -> LoadedModel:
-    require_onnx(f"{path} is an ONNX export; running it", ("onnxruntime",))
-    from transformers import AutoConfig
-
-    labels = (
-        Labels.read(path / LABELS_FILE)
-        if (path / LABELS_FILE).is_file()
-        else _labels_of(AutoConfig.from_pretrained(path))
-    )
-    recipe = load_recipe(str(path / RECIPE_FILE)) if (path / RECIPE_FILE).is_file() else None
-    samples = RunDir(path).read_samples() if (path / SAMPLES_FILE).is_file() else []
-    return LoadedModel(OnnxClassifier(path / ONNX_FILE), load_tokenizer(str(path)), labels, recipe, samples)
-
-
-def _load_hub_model(model_id: str) -> LoadedModel:
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = pooling.apply(AutoModelForSequenceClassification.from_pretrained(model_id, use_safetensors=True))
-    except (OSError, ValueError) as err:
-        raise PeftuneError(
-            f"{model_id!r} is not a local folder and could not be loaded from the Hub: {first_line(err)}"
-            f"{_SAFETENSORS_ONLY}"
-        ) from None
-    model.eval()
-    return LoadedModel(model, load_tokenizer(model_id), _labels_of(model.config), None, [])
-
-
-def _labels_of(config: Any) -> Labels:
-    if config.problem_type == "regression" or config.num_labels == 1:
-        return Labels(names=None)
-    return Labels(names=tuple(config.id2label[i] for i in range(config.num_labels)))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

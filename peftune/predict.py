@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,46 +13,13 @@ import numpy as np
 
 from peftune.data import Labels, read_table
 from peftune.errors import PeftuneError
-from peftune.modeling import LoadedModel, load_target
+from peftune.inference import LoadedModel, batched_logits, load_target
 from peftune.recipe import Recipe, load_recipe
 from peftune.rundir import RECIPE_FILE, staged
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".csv", ".tsv", ".jsonl")
-DEFAULT_MAX_LENGTH = 512
-
-
-def batched_logits(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    pairs: Sequence[str] | None = None,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> np.ndarray:
-    """Logits for every text (or text pair), batched by length so that little padding is computed."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-    max_length = input_length(loaded)
-    encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-    order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
-    device = model.device  # transformers and peft models have one, as does an ONNX export under onnxruntime
-    out: np.ndarray | None = None
-    starts = range(0, len(order), batch_size)
-    # A bar on a terminal only: in a log file each redraw is another line.
-    shown = progress and len(starts) > 1 and sys.stderr.isatty()
-    for start in tqdm(starts, desc="Predicting", unit="batch", disable=not shown):
-        index = order[start : start + batch_size]
-        batch = tokenizer.pad({k: [encoded[k][i] for i in index] for k in encoded}, return_tensors="pt")
-        with torch.inference_mode():
-            logits = model(**batch.to(device)).logits.float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(order), logits.shape[-1]), dtype=np.float32)
-        out[index] = logits
-    return out if out is not None else np.empty((0, loaded.labels.num_labels), dtype=np.float32)
 
 
 def to_predictions(logits: np.ndarray, labels: Labels, probabilities: bool = False) -> list[dict[str, Any]]:
@@ -175,11 +141,3 @@ def _text(value: Any, column: str, row: int) -> str:
     if not isinstance(value, str):
         raise PeftuneError(f"row {row + 1} has no text in column {column!r} ({value!r}); fix or remove that row")
     return value
-
-
-def input_length(loaded: LoadedModel) -> int:
-    """The tokens a text is cut to: the run's `data.max_length`, else what the tokenizer says the model takes."""
-    if loaded.recipe is not None:
-        return loaded.recipe.data.max_length
-    length = getattr(loaded.tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
-    return length if isinstance(length, int) and 0 < length <= 8192 else DEFAULT_MAX_LENGTH

@@ -50,7 +50,7 @@ def push(
 ) -> PushResult:
     """Stage the run's adapter (or merged model) with its card, then upload it unless `dry_run`."""
     check_repo_id(repo_id)
-    run = rundir.open_run(run_path)
+    run = rundir.complete_run(run_path)
     if dry_run:
         folder = Path(output) if output else run.path / (rundir.HUB_UPLOAD_DIR + ("-merged" if merged else ""))
         stage(run, folder, repo_id, merged=merged, base_model_id=base_model_id, license=license, echo=echo)

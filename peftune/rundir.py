@@ -162,7 +162,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def open_run(path: str | Path) -> RunDir:
+def complete_run(path: str | Path) -> RunDir:
     """A complete run folder, or a clear error saying why it cannot be used."""
     run = RunDir(Path(path))
     if not run.path.is_dir():

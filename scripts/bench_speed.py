@@ -97,8 +97,8 @@ def inference(work: Path, data_dir: Path) -> dict[str, dict]:
     from transformers import AutoTokenizer, pipeline
 
     from peftune.export import export_model
+    from peftune.inference import load_target
     from peftune.merge import merge_adapter
-    from peftune.modeling import load_target
     from peftune.predict import predict_texts
 
     lines = (data_dir / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]

@@ -12,8 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peftune import pooling
 from peftune.export import export_model
+from peftune.inference import load_target
 from peftune.merge import merge_adapter
-from peftune.modeling import load_target
 
 # What each family's head computes from the base model's token states (eval mode: no dropout).
 HEADS = {
@@ -106,10 +106,10 @@ def test_the_pushed_card_says_how_to_load_it_and_that_way_works(mean_run, tmp_pa
     from peft import PeftModel
 
     from peftune.push import stage
-    from peftune.rundir import open_run
+    from peftune.rundir import complete_run
 
     run, trained = mean_run
-    folder = stage(open_run(run), tmp_path / "stage", "tester/mean", base_model_id="tester/tiny-bert", echo=str)
+    folder = stage(complete_run(run), tmp_path / "stage", "tester/mean", base_model_id="tester/tiny-bert", echo=str)
     assert pooling.USAGE_NOTE in (folder / "README.md").read_text()
     # The card's way with stock peft: the base, the adapter, then the pooling.
     labels = {0: "negative", 1: "positive"}

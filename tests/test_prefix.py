@@ -131,11 +131,11 @@ def prefix_runs(tmp_path_factory, tiny_models, reviews):
 RELOAD = """
 import json, sys, torch
 from trained import batch
-from peftune.modeling import load_run
-from peftune.rundir import open_run
+from peftune.inference import load_target
 out = {}
 for path in sys.argv[1:]:
-    model, tokenizer, _ = load_run(open_run(path))
+    loaded = load_target(path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     with torch.no_grad():
         out[path] = model(**batch(tokenizer)).logits.tolist()
 print(json.dumps(out))

@@ -79,10 +79,9 @@ def test_a_classifier_checkpoint_on_every_base(tmp_path, classifiers, reviews, a
     else:
         assert started is None or started.shape[0] == 3, "a new head for three labels"
 
-    from peftune.modeling import load_run
-    from peftune.rundir import open_run
+    from peftune.inference import load_target
 
-    model, _, _ = load_run(open_run(run.path))
+    model = load_target(run.path).model
     layers = [m for m in model.modules() if isinstance(m, QUANTIZED)]
     assert bool(layers) is (quantization != "none")
     assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-4

@@ -14,7 +14,7 @@ from peftune.errors import PeftuneError
 from peftune.methods import METHODS
 from peftune.predict import predict_texts
 from peftune.recipe import load_recipe
-from peftune.rundir import open_run
+from peftune.rundir import complete_run
 from peftune.train import train
 
 
@@ -188,7 +188,7 @@ def test_a_failed_run_never_looks_complete(tmp_path, tiny_bert, reviews, monkeyp
     run = tmp_path / "run"
     assert (run / "recipe.yaml").is_file() and not (run / "metrics.json").exists()
     with pytest.raises(PeftuneError, match="incomplete run"):
-        open_run(run)
+        complete_run(run)
 
 
 def test_a_complete_run_is_not_overwritten(tmp_path, tiny_bert, reviews):

@@ -15,9 +15,9 @@ from peftune.cli import main
 from peftune.errors import PeftuneError
 from peftune.evaluation import evaluate
 from peftune.export import export_model
+from peftune.inference import batched_logits, load_target
 from peftune.merge import merge_adapter
-from peftune.modeling import load_target
-from peftune.predict import batched_logits, predict_file, predict_texts
+from peftune.predict import predict_file, predict_texts
 from peftune.recipe import load_recipe
 from peftune.train import train
 

@@ -6,9 +6,8 @@ import tiny
 import torch
 from transformers import TrainerCallback
 
-from peftune.modeling import load_run
+from peftune.inference import load_target
 from peftune.recipe import load_recipe
-from peftune.rundir import open_run
 from peftune.train import train
 
 PROBE = [
@@ -52,6 +51,7 @@ def train_tiny(tmp_path, model_dir, reviews, *overrides):
 
 
 def reloaded_logits(run) -> torch.Tensor:
-    model, tokenizer, _ = load_run(open_run(run.path))
+    loaded = load_target(run.path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     with torch.no_grad():
         return model(**batch(tokenizer)).logits.float()
