@@ -8,7 +8,7 @@ this module is cheap; peft and transformers are imported only when a config is b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,19 +40,29 @@ class Method:
     mergeable: bool = False  # folds into the base weights (merge), which prompt learning cannot
     own_keys: tuple[str, ...] = OWN_KEYS  # keys of its block that peftune reads itself (not passed to peft)
     trains_pooler: bool = False  # BERT's pooler is trained in full with the head (modeling.head_modules)
+    # Block keys that count something (a rank, a number of tokens): whole numbers of at least 1.
+    counts: tuple[str, ...] = ()
+    # Fills the block's per-architecture defaults from the model (targets, sizes); None: the block as it is.
+    fill_for_model: Callable[[Method, dict[str, Any], Any, Sequence[str]], dict[str, Any]] | None = None
+    # The rows `peftune plan` shows for this method: one per base precision ("none", "8bit", "4bit").
+    planned: tuple[str, ...] = ()
 
     @property
     def is_adapter(self) -> bool:
         """True when the method trains a peft adapter instead of the whole model."""
         return self.peft_config_class is not None
 
-    def checkpoints_reload(self, block: dict[str, Any]) -> bool:
-        """Whether a checkpoint can be loaded back to train on (best model at the end, --resume).
+    def checkpoint_problem(self, block: dict[str, Any]) -> str | None:
+        """Why a checkpoint of this block cannot be loaded back to train on (best model at the end, --resume);
+        None when it can.
 
         With `prefix_projection`, peft checkpoints the projected prefixes, not the projection being trained
         (peft issue 2256), so Trainer cannot load one back into the training model.
         """
-        return not (self.virtual_tokens and block.get("prefix_projection"))
+        if self.virtual_tokens and block.get("prefix_projection"):
+            return (f"with {self.name}.prefix_projection=true peft checkpoints the projected prefixes, "
+                    "not the projection being trained")  # fmt: skip
+        return None
 
     def check_architecture(self, config: PretrainedConfig) -> None:
         """Refuse, in one line, an architecture this method cannot work with."""
@@ -100,26 +110,36 @@ class Method:
     def _architecture_defaults(
         self, options: dict[str, Any], model: PreTrainedModel, fresh: Sequence[str]
     ) -> dict[str, Any]:
-        config = model.config
-        options = dict(options)
-        if self.name == "lora":
-            targets = options.get("target_modules")
-            if targets is None:
-                targets = lora_default_targets(config.model_type) or "all-linear"
-            if isinstance(targets, str) and targets.lower() == "all-linear":
-                targets = linear_layers(model, exclude=fresh)
-            options["target_modules"] = targets
-        elif self.name == "ia3" and options.get("target_modules") is None and config.model_type in IA3_TARGETS:
-            options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[config.model_type]
-        elif self.virtual_tokens:
-            # peft looks these up under the BERT-style names; configs alias them (DistilBERT: dim, n_layers).
-            # Prefixes are attention keys and values; soft prompts are word embeddings, which can be narrower
-            # than the hidden size (ELECTRA's small models).
-            width = config.hidden_size if self.attention_prefix else model.get_input_embeddings().embedding_dim
-            options.setdefault("token_dim", width)
-            options.setdefault("num_layers", config.num_hidden_layers)
-            options.setdefault("num_attention_heads", config.num_attention_heads)
-        return options
+        return self.fill_for_model(self, dict(options), model, fresh) if self.fill_for_model else dict(options)
+
+
+def _lora_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
+    """LoRA's `target_modules`: null is the architecture's query and value, `all-linear` every layer but the head."""
+    targets = options.get("target_modules")
+    if targets is None:
+        targets = lora_default_targets(model.config.model_type) or "all-linear"
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = linear_layers(model, exclude=fresh)
+    return {**options, "target_modules": targets}
+
+
+def _ia3_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
+    """IA3's modules for the architectures peft has no default for."""
+    if options.get("target_modules") is None and model.config.model_type in IA3_TARGETS:
+        options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[model.config.model_type]
+    return options
+
+
+def _token_sizes(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
+    """The sizes prompt learning needs, which peft looks up under BERT-style names; configs alias them
+    (DistilBERT: dim, n_layers). Prefixes are attention keys and values; soft prompts are word embeddings,
+    which can be narrower than the hidden size (ELECTRA's small models)."""
+    config = model.config
+    width = config.hidden_size if method.attention_prefix else model.get_input_embeddings().embedding_dim
+    options.setdefault("token_dim", width)
+    options.setdefault("num_layers", config.num_hidden_layers)
+    options.setdefault("num_attention_heads", config.num_attention_heads)
+    return options
 
 
 METHODS: dict[str, Method] = {
@@ -129,6 +149,7 @@ METHODS: dict[str, Method] = {
             name="full",
             # train every weight of the model
             defaults={"learning_rate": 5.0e-5},
+            planned=("none",),
         ),
         Method(
             name="lora",
@@ -149,6 +170,9 @@ METHODS: dict[str, Method] = {
             mergeable=True,
             own_keys=(*OWN_KEYS, "loraplus_lr_ratio"),
             trains_pooler=True,
+            counts=("r",),
+            fill_for_model=_lora_targets,
+            planned=("none", "8bit", "4bit"),
         ),
         Method(
             name="prefix",
@@ -157,6 +181,9 @@ METHODS: dict[str, Method] = {
             peft_config_class="PrefixTuningConfig",
             virtual_tokens=True,
             attention_prefix=True,
+            counts=("num_virtual_tokens",),
+            fill_for_model=_token_sizes,
+            planned=("none",),
         ),
         Method(
             name="prompt",
@@ -164,6 +191,8 @@ METHODS: dict[str, Method] = {
             defaults={"learning_rate": 3.0e-2, "num_virtual_tokens": 20},
             peft_config_class="PromptTuningConfig",
             virtual_tokens=True,
+            counts=("num_virtual_tokens",),
+            fill_for_model=_token_sizes,
         ),
         Method(
             name="ia3",
@@ -171,6 +200,7 @@ METHODS: dict[str, Method] = {
             defaults={"learning_rate": 5.0e-3},
             peft_config_class="IA3Config",
             mergeable=True,
+            fill_for_model=_ia3_targets,
         ),
     )
 }

@@ -33,8 +33,12 @@ from peftune.recipe import Recipe, load_recipe
 ALLOWANCE_MB = 512
 ALLOWANCE_SHARE = 0.10
 BUDGETS_GB = (8, 12, 16, 24)
-PLANNED = {"full": ["method=full"], "lora": ["method=lora"], "lora-8bit": ["method=lora", "model.quantization=8bit"],
-           "lora-4bit": ["method=lora", "model.quantization=4bit"], "prefix": ["method=prefix"]}  # fmt: skip
+# The rows of a plan, as each method's entry asks (Method.planned): `lora-8bit` is LoRA on an 8-bit base.
+PLANNED = {
+    name + ("" if kind == "none" else f"-{kind}"): [f"method={name}", f"model.quantization={kind}"]
+    for name, method in METHODS.items()
+    for kind in method.planned
+}
 MB = 2**20
 
 

@@ -19,10 +19,19 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
@@ -139,8 +148,8 @@ class DataSpec(_Strict):
         return self
 
 
-class Recipe(_Strict):
-    """A whole run: base model, data, method, training arguments."""
+class _Run(_Strict):
+    """What a recipe names before its method blocks."""
 
     name: str
     description: str = ""
@@ -148,11 +157,21 @@ class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec
     method: str = "lora"
-    full: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    lora: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    prefix: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    prompt: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    ia3: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+
+
+if TYPE_CHECKING:  # mypy sees no block fields: they are read by name (`Recipe.block`)
+    _WithBlocks = _Run
+else:  # one block per registered method (methods.METHODS), in its order: `lora: {r: 8, ...}`
+    _WithBlocks = create_model(
+        "_WithBlocks",
+        __base__=_Run,
+        **{name: (dict[str, Any], Field(default_factory=dict, validate_default=True)) for name in METHODS},
+    )
+
+
+class Recipe(_WithBlocks):
+    """A whole run: base model, data, method, the method blocks, training arguments."""
+
     train: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     metrics: list[str] | None = Field(None, min_length=1)
     output_dir: str | None = None
@@ -195,7 +214,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _loraplus_ratio_is_a_ratio(self) -> Recipe:
-        ratio = self.lora.get("loraplus_lr_ratio")
+        ratio = self.block("lora").get("loraplus_lr_ratio")
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1):
             raise ValueError(
                 f"lora.loraplus_lr_ratio is the B matrices' learning rate over the A matrices', a number of at "
@@ -206,19 +225,20 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _sizes_are_positive(self) -> Recipe:
         # peft accepts these in its configs and fails only when it builds the model, after the data is loaded.
-        for block, key in (("lora", "r"), ("prefix", "num_virtual_tokens"), ("prompt", "num_virtual_tokens")):
-            value = getattr(self, block, {}).get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{block}.{key} must be a whole number of at least 1, got {value!r}")
+        for name, method in METHODS.items():
+            for key in method.counts:
+                value = self.block(name).get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ValueError(f"{name}.{key} must be a whole number of at least 1, got {value!r}")
         return self
 
     @model_validator(mode="after")
     def _projected_prefixes_are_not_reloaded(self) -> Recipe:
         # Trainer would fail after the last epoch, loading the best checkpoint back.
-        if self.train.get("load_best_model_at_end") and not METHODS[self.method].checkpoints_reload(self.method_block):
+        problem = METHODS[self.method].checkpoint_problem(self.method_block)
+        if self.train.get("load_best_model_at_end") and problem:
             raise ValueError(
-                "prefix.prefix_projection=true cannot keep the best checkpoint: peft saves the projected prefixes, "
-                "not the projection, so train.load_best_model_at_end cannot reload them; set one of them to false"
+                f"train.load_best_model_at_end cannot keep the best checkpoint: {problem}; set one of them to false"
             )
         return self
 
@@ -230,10 +250,14 @@ class Recipe(_Strict):
             return dict(defaults)
         return {**defaults, **value} if isinstance(value, dict) else value
 
+    def block(self, method: str) -> dict[str, Any]:
+        """A method's block: its defaults with the recipe's keys over them."""
+        return dict(getattr(self, method))
+
     @property
     def method_block(self) -> dict[str, Any]:
         """The block of the method this run uses."""
-        return getattr(self, self.method)
+        return self.block(self.method)
 
     @property
     def learning_rate(self) -> float:

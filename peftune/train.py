@@ -1,4 +1,4 @@
-"""Training: build the Trainer from a recipe, run it, and write the run folder."""
+"""Training, in named steps: place the run, prepare the data, build the model, fit it, write the run folder."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peftune import card, data, metrics, modeling, plan, rundir
+from peftune import card, data, metrics, modeling, plan, rundir, trainer
 from peftune.batching import LengthBucketSampler
-from peftune.errors import PeftuneError
+from peftune.data import Labels
 from peftune.methods import METHODS
 from peftune.recipe import Recipe, check_passthrough, local_path
 from peftune.record import Metrics, Primary
@@ -76,24 +77,87 @@ def train(
     `announce` is called with the recipe as the run records it once every check that needs no data or weights
     has passed.
     """
-    import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     recipe, folder = placed(recipe, overrides, output_dir)
     run = rundir.RunDir(folder)
-    fitted = None
-    if fit is not None:  # choose batch size, accumulation and checkpointing for the memory budget first
-        recipe, fitted = plan.fit(recipe, plan.parse_memory(fit), fit)
-        log.info("fit %s: per-device batch %d, gradient accumulation %d, gradient checkpointing %s "
-                 "(estimate %d MB)", fit, fitted["per_device_train_batch_size"], fitted["gradient_accumulation_steps"],
-                 "on" if fitted["gradient_checkpointing"] else "off", fitted["estimate_mb"])  # fmt: skip
+    recipe, fitted = _fit_to_memory(recipe, fit)
     check_passthrough(recipe)  # a mistake in the recipe first: before a clash of folders, before any output
     modeling.check_model(recipe, modeling.load_config(recipe.model))
-    checkpoint = _resume_point(run, recipe, resume, overwrite)
+    checkpoint = trainer.resume_point(run, recipe, resume, overwrite)
     if announce is not None:
         announce(recipe, run)
     set_seed(recipe.seed)
+    prepared = prepare_data(recipe)
+    built = build_model(recipe, prepared.labels)
+    # Under torchrun or accelerate launch, every process trains its share; only the main one writes.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        _start_folder(run, recipe, checkpoint, overwrite)
+    done = fit_model(run, recipe, prepared, built, checkpoint, callbacks)
+    # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
+    weights = run.weights_dir(METHODS[recipe.method].is_adapter)
+    done.trainer.save_model(str(weights))  # the model and tokenizer Trainer trained, best checkpoint loaded into it
+    if not main_process:
+        log.info("rank %s of %s: eval %s", os.environ.get("RANK"), os.environ.get("WORLD_SIZE"), json.dumps(done.eval))
+        return run
+    record = _record(recipe, overrides, fitted, prepared, built, done, weights)
+    _write_run(run, recipe, prepared, record, weights)
+    return run
 
+
+@dataclass
+class Prepared:
+    """The run's data, tokenized, with what was learnt reading it."""
+
+    tokenizer: Any
+    labels: Labels
+    metric_names: list[str]
+    eval_raw: Any  # the eval split before tokenizing: the rows kept for merge's and export's checks
+    train_set: Any
+    eval_set: Any  # sorted by length: fewer padded tokens, same metrics
+    train_lengths: list[int]  # tokens per training example: length buckets and tokens/s
+    tokenize_seconds: float
+
+
+@dataclass
+class Built:
+    """The model to train, and its parameter counts."""
+
+    model: Any
+    fresh: list[str]  # modules new in this model (the head), trained in full
+    base_parameters: int
+    trainable: int
+    total: int
+
+
+@dataclass
+class Done:
+    """What training left: the Trainer (its state and arguments) and the measurements the record needs."""
+
+    trainer: Any
+    train_loss: float | None
+    train_seconds: float
+    eval_seconds: float  # evaluations during training, left out of the throughput
+    eval: dict[str, Any]  # the final evaluation of the weights the run keeps
+    history: list[dict[str, Any]]
+    epoch: float | None  # the epoch those weights come from: the last, or the best one's
+    resumed_from: Path | None
+
+
+def _fit_to_memory(recipe: Recipe, fit: str | None) -> tuple[Recipe, dict[str, Any] | None]:
+    """With `--fit`, the batch size, accumulation and checkpointing that fit the memory budget, chosen first."""
+    if fit is None:
+        return recipe, None
+    recipe, fitted = plan.fit(recipe, plan.parse_memory(fit), fit)
+    log.info("fit %s: per-device batch %d, gradient accumulation %d, gradient checkpointing %s "
+             "(estimate %d MB)", fit, fitted["per_device_train_batch_size"], fitted["gradient_accumulation_steps"],
+             "on" if fitted["gradient_checkpointing"] else "off", fitted["estimate_mb"])  # fmt: skip
+    return recipe, fitted
+
+
+def prepare_data(recipe: Recipe) -> Prepared:
+    """Load the recipe's splits, learn their labels, check the metrics fit them, and tokenize."""
     tokenizer = modeling.load_tokenizer(recipe.model)
     train_raw, eval_raw = data.load_splits(recipe.data, recipe.seed)
     labels = data.infer_labels(recipe.data, train_raw, eval_raw)
@@ -103,12 +167,18 @@ def train(
     train_set = data.tokenize(train_raw, tokenizer, recipe.data, labels, recipe.data.train_split)
     eval_set = data.tokenize(eval_raw, tokenizer, recipe.data, labels, recipe.data.eval_split)
     tokenize_seconds = time.perf_counter() - tokenizing
-    train_lengths = [len(ids) for ids in train_set["input_ids"]]  # read once: batching and tokens/s
     log.info(
         "%s: %d train / %d eval examples, %s", recipe.name, len(train_set), len(eval_set),
         f"{labels.num_labels} labels" if labels.names else "regression",
     )  # fmt: skip
+    eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
+    eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
+    train_lengths = [len(ids) for ids in train_set["input_ids"]]
+    return Prepared(tokenizer, labels, metric_names, eval_raw, train_set, eval_set, train_lengths, tokenize_seconds)
 
+
+def build_model(recipe: Recipe, labels: Labels) -> Built:
+    """The base with a head for `labels`, wrapped for the recipe's method."""
     base, fresh = modeling.load_base_model(recipe.model, labels, modeling.compute_dtype(recipe.train))
     _, base_parameters = modeling.count_parameters(base)
     model = modeling.attach_method(base, recipe, fresh)
@@ -117,141 +187,148 @@ def train(
              f"{total:,}", 100 * trainable / total)  # fmt: skip
     if fresh:
         log.info("new in this model, trained in full: %s", ", ".join(fresh))
+    return Built(model, fresh, base_parameters, trainable, total)
 
-    # Under torchrun or accelerate launch, every process trains its share; only the main one writes.
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if main_process:
-        if run.path.exists() and overwrite:
-            shutil.rmtree(run.path)
-        if checkpoint is None:  # leftovers of a start that saved no checkpoint
-            shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
 
-    primary = metric_names[0]
+def _start_folder(run: rundir.RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool) -> None:
+    """The run folder as training starts: emptied by --overwrite, the recipe written first."""
+    if run.path.exists() and overwrite:
+        shutil.rmtree(run.path)
+    if checkpoint is None:  # leftovers of a start that saved no checkpoint
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_text(rundir.RECIPE_FILE, recipe.to_yaml())
+
+
+def training_arguments(recipe: Recipe, run: rundir.RunDir, primary: str) -> Any:
+    """TrainingArguments from the recipe's `train` block, with peftune's defaults for this machine."""
+    import torch
+    from transformers import TrainingArguments
+
     on_gpu = torch.cuda.is_available()
-    if recipe.model.quantized and not on_gpu and main_process:
-        log.warning(
-            "model.quantization=%s on a CPU trains slower than float32 (up to 1.5 times in our runs: bitsandbytes "
-            "dequantizes the weights at every step) and saves little memory there; it pays on a GPU that cannot "
-            "hold the float model. Set model.quantization=none to train in float32.",
-            recipe.model.quantization,
-        )
     arguments = _with_best_model_metric(recipe.training_arguments(str(run.checkpoints_dir)), primary)
     arguments.setdefault("dataloader_pin_memory", on_gpu)
     # Classification losses are means over the batch; transformers' token averaging across devices (meant for
     # language models) would multiply a peft model's loss by the number of processes, doubling the gradients
     # and the reported eval loss under two processes.
     arguments.setdefault("average_tokens_across_devices", False)
-    if world_size > 1 and not on_gpu:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not on_gpu:
         # Without CUDA, transformers 5 runs each launched process on its own unless told to use the CPU
         # backend (gloo): then the processes share the data and average their gradients.
         arguments.setdefault("use_cpu", True)
     # Progress bars only where someone watches them: redrawn into a log file they leave escape codes behind.
     arguments.setdefault("disable_tqdm", not sys.stderr.isatty())
-    args = TrainingArguments(**arguments)
+    return TrainingArguments(**arguments)
+
+
+def fit_model(
+    run: rundir.RunDir, recipe: Recipe, prepared: Prepared, built: Built, checkpoint: Path | None,
+    callbacks: Sequence[Any],
+) -> Done:  # fmt: skip
+    """Train with transformers' Trainer (from `checkpoint` when resuming) and evaluate the weights it keeps."""
+    import torch
+
+    primary = prepared.metric_names[0]
+    if recipe.model.quantized and not torch.cuda.is_available() and int(os.environ.get("RANK", "0")) == 0:
+        log.warning(
+            "model.quantization=%s on a CPU trains slower than float32 (up to 1.5 times in our runs: bitsandbytes "
+            "dequantizes the weights at every step) and saves little memory there; it pays on a GPU that cannot "
+            "hold the float model. Set model.quantization=none to train in float32.",
+            recipe.model.quantization,
+        )
+    args = training_arguments(recipe, run, primary)
     sampler = None
     if recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
-        sampler = LengthBucketSampler(train_lengths, args.per_device_train_batch_size, args.seed)
-    # Evaluation order does not change the metrics: by length, its batches carry little padding too.
-    eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
-    eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
-
-    # Read now: Trainer deletes old checkpoints (save_total_limit) before training ends.
-    seconds_before = _seconds_before(checkpoint)
-
-    class BucketTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
-
-    optimizer = METHODS[recipe.method].optimizer(model, recipe.method_block, args.learning_rate, args.weight_decay)
-    trainer = BucketTrainer(
-        model=model,
-        args=args,
-        optimizers=(optimizer, None),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
-        processing_class=tokenizer,
-        compute_metrics=metrics.trainer_metrics(metric_names, labels.problem_type),
-        callbacks=[*callbacks, _elapsed_time(seconds_before)],
-    )
-    _log_lines(trainer)
-    if on_gpu:
+        sampler = LengthBucketSampler(prepared.train_lengths, args.per_device_train_batch_size, args.seed)
+    before = trainer.seconds_before(checkpoint)
+    hf_trainer = trainer.build_trainer(
+        built.model, args, sampler=sampler,
+        optimizer=METHODS[recipe.method].optimizer(built.model, recipe.method_block, args.learning_rate,
+                                                   args.weight_decay),
+        train_set=prepared.train_set, eval_set=prepared.eval_set, tokenizer=prepared.tokenizer,
+        compute_metrics=metrics.trainer_metrics(prepared.metric_names, prepared.labels.problem_type),
+        callbacks=callbacks, seconds_before=before,
+    )  # fmt: skip
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if checkpoint is not None:
         log.info("resuming %s from %s", run.path, checkpoint.name)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = seconds_before + time.perf_counter() - started
-    # Evaluations during training take the same time whatever the method: throughput leaves them out.
-    eval_seconds = sum(entry.get("eval_runtime", 0.0) for entry in trainer.state.log_history)
-    step_seconds = max(train_seconds - eval_seconds, 1e-9)
-    samples_seen = len(train_set) * (trainer.state.epoch or 0)
-    history = _eval_history(trainer.state.log_history)
-    tokens = sum(train_lengths) * (trainer.state.epoch or 0)
-    if history and history[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
-        eval_metrics = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
+    result = hf_trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = before + time.perf_counter() - started
+    state = hf_trainer.state
+    history = _eval_history(state.log_history)
+    if history and history[-1]["step"] == state.global_step and not args.load_best_model_at_end:
+        final = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
     else:  # no evaluation at the last step, or the best checkpoint was reloaded: evaluate what is saved
-        eval_metrics = _eval_metrics(trainer.evaluate())
-    reported_epoch = trainer.state.epoch  # the epoch whose weights the run keeps: the last, or the best one's
-    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+        final = _eval_metrics(hf_trainer.evaluate())
+    epoch = state.epoch
+    best = state.best_model_checkpoint if args.load_best_model_at_end else None
     if best:
-        best_step = _step_of(Path(best))
-        reported_epoch = next((h["epoch"] for h in history if h["step"] == best_step), reported_epoch)
+        best_step = trainer.step_of(Path(best))
+        epoch = next((h["epoch"] for h in history if h["step"] == best_step), epoch)
+    return Done(
+        trainer=hf_trainer,
+        train_loss=result.metrics.get("train_loss"),
+        train_seconds=train_seconds,
+        eval_seconds=sum(entry.get("eval_runtime", 0.0) for entry in state.log_history),
+        eval=final,
+        history=history,
+        epoch=epoch,
+        resumed_from=checkpoint,
+    )
 
-    # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
-    weights = run.weights_dir(METHODS[recipe.method].is_adapter)
-    trainer.save_model(str(weights))  # the model and tokenizer Trainer trained, best checkpoint loaded into it
-    if not main_process:
-        log.info("rank %s of %d: eval %s", os.environ.get("RANK"), world_size, json.dumps(eval_metrics))
-        return run
-    (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
-    _tidy_adapter_config(weights / rundir.ADAPTER_CONFIG, recipe.model.name_or_path)
-    run.write_json(rundir.LABELS_FILE, labels.to_json())
-    columns = [*recipe.data.text_columns, recipe.data.label_column]
-    samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
-    run.write_text(rundir.SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
 
-    base_id = modeling.hub_id(recipe.model)
-    record = Metrics(
+def _record(
+    recipe: Recipe, overrides: Sequence[str], fitted: dict[str, Any] | None, prepared: Prepared, built: Built,
+    done: Done, weights: Path,
+) -> Metrics:  # fmt: skip
+    """metrics.json: what the run is, how well it did, what it cost."""
+    import torch
+
+    state, args, model = done.trainer.state, done.trainer.args, built.model
+    primary = prepared.metric_names[0]
+    step_seconds = max(done.train_seconds - done.eval_seconds, 1e-9)
+    epochs = state.epoch or 0
+    on_gpu = torch.cuda.is_available()
+    # The folder the base was read from on this machine (a Hub id is its own name: none).
+    base_path = None if modeling.hub_id(recipe.model) else local_path(recipe.model.name_or_path, "model.name_or_path")
+    return Metrics(
         name=recipe.name,
         method=recipe.method,
         base_model=recipe.model.name_or_path,
-        # The folder the base was read from on this machine (a Hub id is its own name: none).
-        base_model_path=None if base_id else local_path(recipe.model.name_or_path, "model.name_or_path"),
-        problem_type=labels.problem_type,
-        num_labels=labels.num_labels,
+        base_model_path=base_path,
+        problem_type=prepared.labels.problem_type,
+        num_labels=prepared.labels.num_labels,
         primary_metric=Primary(
             name=primary,
-            value=eval_metrics.get(primary),
-            epoch=round(reported_epoch, 2) if reported_epoch is not None else None,
+            value=done.eval.get(primary),
+            epoch=round(done.epoch, 2) if done.epoch is not None else None,
         ),
-        eval=eval_metrics,
-        eval_history=history,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        trainable_share=trainable / total,
-        fresh_modules=fresh,
+        eval=done.eval,
+        eval_history=done.history,
+        trainable_parameters=built.trainable,
+        total_parameters=built.total,
+        trainable_share=built.trainable / built.total,
+        fresh_modules=built.fresh,
         learning_rate=recipe.learning_rate,
-        train_samples=len(train_set),
-        eval_samples=len(eval_set),
-        global_steps=trainer.state.global_step,
+        train_samples=len(prepared.train_set),
+        eval_samples=len(prepared.eval_set),
+        global_steps=state.global_step,
         world_size=args.world_size,
-        resumed_from_step=_step_of(checkpoint) if checkpoint else None,
+        resumed_from_step=trainer.step_of(done.resumed_from) if done.resumed_from else None,
         fit=fitted,
-        tokenize_s=round(tokenize_seconds, 3),
-        train_runtime_s=round(train_seconds, 3),
-        eval_during_training_s=round(eval_seconds, 3),
-        train_samples_per_second=round(samples_seen / step_seconds, 3),
-        train_tokens_per_second=round(tokens / step_seconds, 1),
-        train_loss=result.metrics.get("train_loss"),
+        tokenize_s=round(prepared.tokenize_seconds, 3),
+        train_runtime_s=round(done.train_seconds, 3),
+        eval_during_training_s=round(done.eval_seconds, 3),
+        train_samples_per_second=round(len(prepared.train_set) * epochs / step_seconds, 3),
+        train_tokens_per_second=round(sum(prepared.train_lengths) * epochs / step_seconds, 1),
+        train_loss=done.train_loss,
         peak_memory_mb=_peak_memory_mb(on_gpu),
         peak_memory_kind="cuda_max_allocated" if on_gpu else "process_max_rss",
         model_memory_mb=round(modeling.memory_footprint(model) / 2**20, 2),
         weights_mb=round(_size_on_disk(weights) / 2**20, 3),
-        standalone_model_mb=round(_standalone_bytes(model, base_parameters, METHODS[recipe.method]) / 2**20, 3),
+        standalone_model_mb=round(_standalone_bytes(model, built.base_parameters, METHODS[recipe.method]) / 2**20, 3),
         quantization=recipe.model.quantization,
         device=str(args.device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -260,68 +337,22 @@ def train(
         recipe_sha256=recipe.sha256(),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _write_run(run: rundir.RunDir, recipe: Recipe, prepared: Prepared, record: Metrics, weights: Path) -> None:
+    """Everything but the weights, metrics.json last: its presence marks the run complete."""
+    (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
+    _tidy_adapter_config(weights / rundir.ADAPTER_CONFIG, recipe.model.name_or_path)
+    run.write_json(rundir.LABELS_FILE, prepared.labels.to_json())
+    columns = [*recipe.data.text_columns, recipe.data.label_column]
+    eval_raw = prepared.eval_raw
+    samples = eval_raw.select(range(min(SAMPLES, len(eval_raw)))).select_columns(columns)
+    run.write_text(rundir.SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     if METHODS[recipe.method].is_adapter:  # peft's README.md is an empty template: a card that says what this is
         place = card.folder_place(recipe.name, weights, run.path)
-        text = card.model_card(recipe, record, labels, place, "peft", base_id)
+        text = card.model_card(recipe, record, prepared.labels, place, "peft", modeling.hub_id(recipe.model))
         (weights / rundir.CARD_FILE).write_text(text, encoding="utf-8")
-    run.write_json(rundir.METRICS_FILE, record.to_json())  # last: its presence marks the run complete
-    return run
-
-
-def _resume_point(run: rundir.RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh; refuses what would lose or mix work."""
-    if resume and overwrite:
-        raise PeftuneError("--resume continues a run and --overwrite starts it again; pass one of them")
-    if run.is_complete() and not overwrite:
-        hint = "it has nothing left to resume" if resume else "pass --overwrite to replace it"
-        raise PeftuneError(f"{run.path} already holds a complete run; {hint}, or give another --output-dir")
-    checkpoint = last_checkpoint(run)
-    if not resume:
-        if checkpoint is not None and not overwrite:
-            raise PeftuneError(
-                f"{run.path} holds an interrupted run (last checkpoint at step {_step_of(checkpoint)}); "
-                "pass --resume to continue it, or --overwrite to start again"
-            )
-        return None
-    if not run.recipe_file.is_file():
-        raise PeftuneError(f"nothing to resume in {run.path} (no run was started there); drop --resume")
-    if not recipe.same_as_saved(run.recipe_file):
-        raise PeftuneError(
-            f"{run.path} was started with other settings than these (its {rundir.RECIPE_FILE} differs); resume "
-            "with the same recipe and overrides, or pass --overwrite to start again"
-        )
-    if checkpoint is not None and not METHODS[recipe.method].checkpoints_reload(recipe.method_block):
-        raise PeftuneError(
-            f"{run.path} cannot be resumed: with prefix.prefix_projection=true peft checkpoints the projected "
-            "prefixes, not the projection being trained; pass --overwrite to start again"
-        )
-    if checkpoint is None:
-        log.warning("%s has no complete checkpoint yet: training from the start", run.path)
-    return checkpoint
-
-
-def last_checkpoint(run: rundir.RunDir) -> Path | None:
-    """The newest checkpoint that Trainer finished writing (its trainer_state.json is written last)."""
-    if not run.checkpoints_dir.is_dir():
-        return None
-    complete = [
-        folder
-        for folder in run.checkpoints_dir.glob(f"{rundir.CHECKPOINT_PREFIX}*")
-        if folder.name.removeprefix(rundir.CHECKPOINT_PREFIX).isdigit() and (folder / "trainer_state.json").is_file()
-    ]
-    return max(complete, key=_step_of, default=None)
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix(rundir.CHECKPOINT_PREFIX))
-
-
-def _seconds_before(checkpoint: Path | None) -> float:
-    """Training seconds spent up to `checkpoint`: 0 from the start, or when the checkpoint does not say."""
-    try:
-        return float(json.loads((checkpoint / rundir.ELAPSED_FILE).read_text())["train_seconds"]) if checkpoint else 0.0
-    except (OSError, ValueError, KeyError):
-        return 0.0
+    run.write_json(rundir.METRICS_FILE, record.to_json())
 
 
 def _tidy_adapter_config(config_file: Path, base_name: str) -> None:
@@ -335,57 +366,6 @@ def _tidy_adapter_config(config_file: Path, base_name: str) -> None:
     if isinstance(config.get("modules_to_save"), list):
         config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _log_lines(trainer: Any) -> None:
-    """Trainer's log entries as one plain line each, numbers as numbers (`step 50, epoch 2: loss 0.2449, ...`),
-    instead of the dictionaries of formatted strings its progress and printer callbacks write."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class Bars(ProgressCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            pass  # the bars only; LogLines writes the entries
-
-    class LogLines(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            shown = ", ".join(
-                f"{key} {_number(value)}" for key, value in logs.items() if key not in ("total_flos", "epoch")
-            )
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"step {state.global_step}, epoch {state.epoch or 0:.3g}: {shown}", file=sys.stderr)
-
-    had_bars = trainer.pop_callback(ProgressCallback) is not None
-    trainer.pop_callback(PrinterCallback)
-    if had_bars:
-        trainer.add_callback(Bars())
-    trainer.add_callback(LogLines())
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _elapsed_time(before: float) -> Any:
-    """A callback that writes the training time so far into every checkpoint it saves."""
-    from transformers import TrainerCallback
-
-    class ElapsedTime(TrainerCallback):
-        started = time.perf_counter()
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = time.perf_counter()
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            folder = Path(args.output_dir) / f"{rundir.CHECKPOINT_PREFIX}{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                seconds = before + time.perf_counter() - self.started
-                (folder / rundir.ELAPSED_FILE).write_text(json.dumps({"train_seconds": round(seconds, 3)}) + "\n")
-
-    return ElapsedTime()
 
 
 def library_versions() -> dict[str, str]:

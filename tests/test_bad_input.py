@@ -99,7 +99,7 @@ CASES: dict[str, Case] = {
             "train.save_strategy=epoch",
             "train.load_best_model_at_end=true",
         ),
-        "prefix.prefix_projection=true cannot keep the best checkpoint",
+        "cannot keep the best checkpoint: with prefix.prefix_projection=true",
     ),
     "NUL in a path": (lambda w: ["validate", w.recipe, 'data.files.train="a\\0b"'], "holds a NUL character"),
     "unset environment variable": (lambda w: train(w, "data.files.train=${NO_SUCH_DIR}/t.csv"), "NO_SUCH_DIR"),

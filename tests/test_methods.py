@@ -10,7 +10,8 @@ import tiny
 from trained import Recorder, reloaded_logits, train_tiny
 
 from peftune.errors import PeftuneError
-from peftune.modeling import check_model, load_config, load_run
+from peftune.inference import load_target
+from peftune.modeling import check_model, load_config
 from peftune.recipe import load_recipe
 
 SUPPORTED = [(arch, method) for arch in tiny.ARCHITECTURES for method in ("full", "lora", "prefix", "prompt", "ia3")]
@@ -33,7 +34,7 @@ def test_lora_on_an_8bit_base(tmp_path, tiny_models, reviews, arch):
     run, recorder = train_tiny(tmp_path, tiny_models(arch), reviews, "model.quantization=8bit")
     metrics = run.read_metrics()
     assert metrics.quantization == "8bit"
-    model, _, _ = load_run(run)
+    model = load_target(run.path).model
     int8 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert int8, "the base's linear layers are int8"
     assert not [n for n in int8 if "classifier" in n], "the head stays in full precision"
@@ -67,7 +68,7 @@ def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_model
     from peft import PeftModel
 
     run, _ = train_tiny(tmp_path, tiny_models("roberta"), reviews, "lora.target_modules=all-linear")
-    model, _, _ = load_run(run)
+    model = load_target(run.path).model
     assert isinstance(model, PeftModel)
     lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert any(n.endswith("attention.self.query") for n in lora) and any(n.endswith("output.dense") for n in lora)
@@ -167,7 +168,6 @@ def test_lora_variants_train_reload_and_merge(tmp_path, tiny_bert, reviews, vari
     from trained import batch
 
     from peftune.merge import merge_adapter
-    from peftune.modeling import load_target
 
     override, recorded = VARIANTS[variant]
     run, recorder = train_tiny(tmp_path, tiny_bert, reviews, override)
@@ -182,3 +182,63 @@ def test_lora_variants_train_reload_and_merge(tmp_path, tiny_bert, reviews, vari
     loaded = load_target(merged)
     with torch.no_grad():
         assert (loaded.model(**batch(loaded.tokenizer)).logits - recorder.logits).abs().max().item() < 1e-4
+
+
+# A method added the way the README says: one entry in methods.METHODS. Run in a fresh interpreter, since the
+# recipe schema takes its method blocks from the registry when peftune.recipe is first imported.
+LOHA = """
+import json, sys
+from pathlib import Path
+
+from peftune import methods
+
+methods.METHODS["loha"] = methods.Method(
+    name="loha",
+    defaults={"learning_rate": 5e-3, "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    peft_config_class="LoHaConfig",
+    mergeable=True,
+    trains_pooler=True,
+    counts=("r",),
+    planned=("none",),
+)
+sys.path.insert(0, sys.argv[1])
+from click.testing import CliRunner
+from trained import reloaded_logits, train_tiny
+
+from peftune.cli import main
+from peftune.merge import merge_adapter
+from peftune.plan import PLANNED
+
+tmp, model, train_file, eval_file = (Path(a) for a in sys.argv[2:])
+run, recorder = train_tiny(tmp, model, (train_file, eval_file), "method=loha")
+merged = merge_adapter(run.path, output=tmp / "merged")
+zero = CliRunner().invoke(main, ["validate", str(run.recipe_file), "loha.r=0"])
+print(json.dumps({
+    "moved": sorted(recorder.moved),
+    "reloaded": (reloaded_logits(run) - recorder.logits).abs().max().item(),
+    "merge_check": json.loads((merged / "merge.json").read_text())["check"]["passed"],
+    "saved_block": run.recipe_file.read_text().split("loha:")[1].split("train:")[0],
+    "planned": list(PLANNED),
+    "zero": [zero.exit_code, zero.stderr],
+}))
+"""
+
+
+def test_a_method_is_one_registry_entry(tmp_path, tiny_bert, reviews):
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-c", LOHA, str(tests), str(tmp_path), str(tiny_bert), *map(str, reviews)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("hada_w1_a" in name for name in found["moved"]), "the LoHa factors trained"
+    assert any("pooler" in name and "modules_to_save" in name for name in found["moved"])
+    assert found["reloaded"] < 1e-5
+    assert found["merge_check"] is True
+    assert "r: 4" in found["saved_block"] and "learning_rate: 0.005" in found["saved_block"]
+    assert found["planned"] == ["full", "lora", "lora-8bit", "lora-4bit", "prefix", "loha"]
+    assert found["zero"][0] == 2 and "loha.r must be a whole number of at least 1, got 0" in found["zero"][1]

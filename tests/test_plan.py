@@ -156,6 +156,15 @@ def test_plan_command(tiny_models, reviews, tmp_path):
     assert bad.exit_code == 2 and "cannot read the memory size 'lots'" in bad.stderr
 
 
+def test_plan_of_a_recipe_on_a_quantized_base_has_every_row(tiny_models, reviews, tmp_path):
+    # Each row sets its own base precision: the full fine-tuning row of an 8-bit recipe is a float run.
+    recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_models("bert"), *reviews))
+    float_rows = CliRunner().invoke(main, ["plan", recipe]).stdout.splitlines()[2:]
+    result = CliRunner().invoke(main, ["plan", recipe, "model.quantization=8bit"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[2:] == float_rows
+
+
 def test_fit_keeps_the_effective_batch_and_records_its_choice(tiny_bert, reviews, tmp_path):
     from peftune.plan import fit
 
