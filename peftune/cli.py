@@ -248,14 +248,15 @@ def merge_command(run: str, output: str | None, dtype: str) -> None:
     import json
 
     from peftune.merge import merge_adapter
+    from peftune.record import MergeRecord
     from peftune.rundir import MERGE_FILE
 
     folder = merge_adapter(run, output=output, dtype=dtype)
-    check = json.loads((folder / MERGE_FILE).read_text())["check"]
-    agreement = f", label agreement {check['label_agreement']:.3f}" if "label_agreement" in check else ""
+    check = MergeRecord.from_json(json.loads((folder / MERGE_FILE).read_text())).check
+    agreement = f", label agreement {check.label_agreement:.3f}" if check.label_agreement is not None else ""
     click.echo(
-        f"merged into {folder} ({dtype}); on {check['samples']} eval rows: "
-        f"max |logit difference| {check['max_abs_logit_difference']:.2e}{agreement}"
+        f"merged into {folder} ({dtype}); on {check.samples} eval rows: "
+        f"max |logit difference| {check.max_abs_logit_difference:.2e}{agreement}"
     )
 
 
@@ -274,14 +275,12 @@ def export_command(target: str, fmt: str, output: str | None, dtype: str) -> Non
 
     folder, record = export_model(target, fmt, output=output, dtype=dtype)
     details = []
-    if record["merge_check"]:
+    if record.merge_check:
         details.append(
-            f"merged, vs the adapter max |logit difference| {record['merge_check']['max_abs_logit_difference']:.2e}"
+            f"merged, vs the adapter max |logit difference| {record.merge_check.max_abs_logit_difference:.2e}"
         )
-    if record["check"]:
-        details.append(
-            f"onnxruntime vs PyTorch max |logit difference| {record['check']['max_abs_logit_difference']:.2e}"
-        )
+    if record.check:
+        details.append(f"onnxruntime vs PyTorch max |logit difference| {record.check.max_abs_logit_difference:.2e}")
     click.echo(f"exported {fmt} ({dtype}) to {folder}" + "".join(f"; {d}" for d in details))
 
 

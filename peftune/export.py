@@ -28,6 +28,7 @@ from peftune.inference import (
 from peftune.merge import DTYPES, checked_merge
 from peftune.methods import METHODS
 from peftune.recipe import load_recipe
+from peftune.record import ExportRecord, MergeCheck, OnnxCheck
 
 FORMATS = ("onnx", "safetensors")
 ONNX_OPSET = 17
@@ -37,8 +38,8 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 def export_model(
     target: str | Path, fmt: str, output: str | Path | None = None, dtype: str = "float32"
-) -> tuple[Path, dict[str, Any]]:
-    """Export a run folder or model folder; return the new folder and its record (with the check)."""
+) -> tuple[Path, ExportRecord]:
+    """Export a run folder or model folder; return the new folder and its record (with the checks)."""
     if fmt not in FORMATS:
         raise PeftuneError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -70,24 +71,24 @@ def export_model(
             import torch
 
             loaded.model.to(getattr(torch, dtype)).save_pretrained(partial)
-            check = {}
+            check = None
         loaded.tokenizer.save_pretrained(partial)
         _config_of(loaded.model).save_pretrained(partial)
         if resolved.path is not None:
             rundir.copy_records(resolved.path, partial)
-        record = {
-            "source": str(folder.resolve()) if folder else resolved.given,
-            "format": fmt,
-            "dtype": dtype,
-            "check": check,
-            "merge_check": merge_check,  # an adapter run merged on the way: against the adapter model, as `merge`
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (partial / rundir.EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record = ExportRecord(
+            source=str(folder.resolve()) if folder else resolved.given,
+            format=fmt,
+            dtype=dtype,
+            check=check,
+            merge_check=merge_check,
+            exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        (partial / rundir.EXPORT_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
     return destination, record
 
 
-def _standalone(resolved: Target, fmt: str) -> tuple[LoadedModel, dict[str, Any] | None]:
+def _standalone(resolved: Target, fmt: str) -> tuple[LoadedModel, MergeCheck | None]:
     """The model to export: a full or merged model as loaded, or an adapter run merged into its base and
     checked as `merge` checks it; with the merge's check, if there was one."""
     if resolved.kind != "run" or resolved.path is None:
@@ -105,7 +106,7 @@ def _standalone(resolved: Target, fmt: str) -> tuple[LoadedModel, dict[str, Any]
     return load_target(resolved), None
 
 
-def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
+def _export_onnx(loaded: LoadedModel, path: Path) -> OnnxCheck:
     """Trace the model to ONNX with dynamic batch and sequence axes, then compare onnxruntime with PyTorch."""
     import torch
 
@@ -139,7 +140,7 @@ def _export_onnx(loaded: LoadedModel, path: Path) -> dict[str, Any]:
     return _check_onnx(loaded, path, texts)
 
 
-def _check_onnx(loaded: LoadedModel, path: Path, texts: list[str]) -> dict[str, Any]:
+def _check_onnx(loaded: LoadedModel, path: Path, texts: list[str]) -> OnnxCheck:
     """The graph under onnxruntime against PyTorch, through the code `predict` runs on an export folder."""
     import onnxruntime
 
@@ -148,8 +149,8 @@ def _check_onnx(loaded: LoadedModel, path: Path, texts: list[str]) -> dict[str, 
     # Batches of other sizes and lengths than the traced example.
     exported = LoadedModel(OnnxClassifier(path), loaded.tokenizer, loaded.labels, loaded.recipe, [])
     difference = float(np.abs(batched_logits(exported, texts, pairs, batch_size=16) - expected).max())
-    check = {"runtime": f"onnxruntime {onnxruntime.__version__}", "samples": len(texts),
-             "max_abs_logit_difference": difference, "tolerance": ONNX_TOLERANCE}  # fmt: skip
+    check = OnnxCheck(runtime=f"onnxruntime {onnxruntime.__version__}", samples=len(texts),
+                      max_abs_logit_difference=difference, tolerance=ONNX_TOLERANCE)  # fmt: skip
     if difference > ONNX_TOLERANCE:
         raise PeftuneError(
             f"onnxruntime's logits differ from PyTorch's by {difference:.3g} (tolerance {ONNX_TOLERANCE}); "

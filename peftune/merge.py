@@ -22,6 +22,7 @@ from peftune.inference import LoadedModel, batched_logits, load_target, resolve_
 from peftune.methods import METHODS
 from peftune.modeling import load_base_model
 from peftune.recipe import Recipe, load_recipe
+from peftune.record import MergeCheck, MergeRecord
 
 DTYPES = ("float32", "float16", "bfloat16")
 # How closely a merged model must match the adapter model it came from, on the kept eval rows. A float32
@@ -63,25 +64,25 @@ def merge_adapter(run_path: str | Path, output: str | Path | None = None, dtype:
 
     merged, check = checked_merge(run, recipe, dtype)
 
-    record = {
-        "source_run": str(run.path.resolve()),
-        "method": recipe.method,
-        "base_model": recipe.model.name_or_path,
-        "trained_on": recipe.model.quantization,  # the base's weights in training: none, 8bit or 4bit
-        "dtype": dtype,
-        "check": check,
-        "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    record = MergeRecord(
+        source_run=str(run.path.resolve()),
+        method=recipe.method,
+        base_model=recipe.model.name_or_path,
+        trained_on=recipe.model.quantization,
+        dtype=dtype,
+        check=check,
+        merged_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     with rundir.staged(target, replace=True) as partial:  # an earlier merge of this run (checked above)
         merged.model.save_pretrained(partial)
         merged.tokenizer.save_pretrained(partial)
         rundir.copy_records(run.path, partial)
-        (partial / rundir.MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (partial / rundir.MERGE_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
         (partial / rundir.CARD_FILE).write_text(_readme(recipe, merged.labels, record), encoding="utf-8")
     return target
 
 
-def checked_merge(run: rundir.RunDir, recipe: Recipe, dtype: str) -> tuple[LoadedModel, dict[str, Any]]:
+def checked_merge(run: rundir.RunDir, recipe: Recipe, dtype: str) -> tuple[LoadedModel, MergeCheck]:
     """The run's adapter folded into its base in `dtype`, checked against the adapter model on the eval rows
     the run keeps: the merged model and the check. Raises, with nothing written, when the check fails.
 
@@ -100,9 +101,9 @@ def checked_merge(run: rundir.RunDir, recipe: Recipe, dtype: str) -> tuple[Loade
     merged = LoadedModel(model, reference.tokenizer, reference.labels, recipe, reference.samples)
     exact = dtype == "float32" and not recipe.model.quantized
     check = judge(expected, sample_logits(merged), reference.labels, exact=exact)
-    if not check["passed"]:
+    if not check.passed:
         raise PeftuneError(
-            f"the merged model disagrees with the adapter model beyond tolerance ({_describe(check)}); "
+            f"the merged model disagrees with the adapter model beyond tolerance ({describe(check)}); "
             "nothing was written: report this with the run folder"
         )
     return merged, check
@@ -145,24 +146,21 @@ def sample_logits(loaded: LoadedModel) -> np.ndarray:
     return batched_logits(loaded, texts, pairs)
 
 
-def judge(expected: np.ndarray, got: np.ndarray, labels: Labels, exact: bool) -> dict[str, Any]:
+def judge(expected: np.ndarray, got: np.ndarray, labels: Labels, exact: bool) -> MergeCheck:
     """Logit difference and label agreement of two models' logits on the same rows, judged by the tolerances:
     `exact` (float32 throughout) by the logits, otherwise by the labels (or a regression's own units)."""
     difference = float(np.abs(expected - got).max())
-    check: dict[str, Any] = {"samples": len(expected), "max_abs_logit_difference": difference}
     if labels.names is None:
-        check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE}
-        check["passed"] = difference <= check["tolerance"]["max_abs_logit_difference"]
-        return check
+        bound = MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE
+        return MergeCheck(samples=len(expected), max_abs_logit_difference=difference,
+                          tolerance={"max_abs_logit_difference": bound}, passed=difference <= bound)  # fmt: skip
     agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
-    check["label_agreement"] = agreement
     if exact:
-        check["tolerance"] = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE}
-        check["passed"] = difference <= MAX_LOGIT_DIFFERENCE
+        tolerance, passed = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE}, difference <= MAX_LOGIT_DIFFERENCE
     else:
-        check["tolerance"] = {"label_agreement": MIN_LABEL_AGREEMENT}
-        check["passed"] = agreement >= MIN_LABEL_AGREEMENT
-    return check
+        tolerance, passed = {"label_agreement": MIN_LABEL_AGREEMENT}, agreement >= MIN_LABEL_AGREEMENT
+    return MergeCheck(samples=len(expected), max_abs_logit_difference=difference, label_agreement=agreement,
+                      tolerance=tolerance, passed=passed)  # fmt: skip
 
 
 def _check_destination(target: Path, run: rundir.RunDir) -> None:
@@ -171,7 +169,7 @@ def _check_destination(target: Path, run: rundir.RunDir) -> None:
         return
     record_file = target / rundir.MERGE_FILE
     if record_file.is_file():
-        source = json.loads(record_file.read_text(encoding="utf-8")).get("source_run")
+        source = json.loads(record_file.read_text(encoding="utf-8")).get("source_run")  # any version's record
         if source == str(run.path.resolve()):
             return
     raise PeftuneError(f"{target} already exists and is not a merge of {run.path}; choose another --output")
@@ -183,24 +181,25 @@ def _torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def _describe(check: dict[str, Any]) -> str:
-    parts = [f"max |logit difference| {check['max_abs_logit_difference']:.3g}"]
-    if "label_agreement" in check:
-        parts.append(f"label agreement {check['label_agreement']:.3f}")
-    parts.append(f"tolerance {check['tolerance']}")
+def describe(check: MergeCheck) -> str:
+    """The check in words: `max |logit difference| 1.2e-06, label agreement 1.000, tolerance {...}`."""
+    parts = [f"max |logit difference| {check.max_abs_logit_difference:.3g}"]
+    if check.label_agreement is not None:
+        parts.append(f"label agreement {check.label_agreement:.3f}")
+    parts.append(f"tolerance {check.tolerance}")
     return ", ".join(parts)
 
 
-def _readme(recipe: Recipe, labels: Labels, record: dict[str, Any]) -> str:
+def _readme(recipe: Recipe, labels: Labels, record: MergeRecord) -> str:
     names = ", ".join(labels.names) if labels.names else "a regression score"
     note = f"\n{pooling.USAGE_NOTE}\n" if recipe.model.pooling == "mean" else ""
     return f"""# {recipe.name} (merged)
 
 A standalone text classifier: the {recipe.method} adapter of peftune run `{recipe.name}` folded into
-`{recipe.model.name_or_path}`, saved in {record["dtype"]}. It needs no peft to load.
+`{recipe.model.name_or_path}`, saved in {record.dtype}. It needs no peft to load.
 
 - Labels: {names}
-- Check against the adapter model on {record["check"]["samples"]} eval rows: {_describe(record["check"])}
+- Check against the adapter model on {record.check.samples} eval rows: {describe(record.check)}
 
 ```python
 from transformers import pipeline

@@ -1,4 +1,5 @@
-"""metrics.json, typed: what `train` writes when a run completes, and what every later command reads.
+"""The typed records of run, merged and exported folders: `metrics.json` (what `train` writes when a run
+completes, and what every later command reads), `merge.json` and `export.json`.
 
 `Metrics.from_json` also reads the records of earlier peftune versions (a key they lack takes its default;
 `load_in_8bit` becomes `quantization`); `to_json` writes the keys in the order of the fields below.
@@ -74,3 +75,83 @@ class Metrics:
         if "quantization" not in data:  # before 0.2
             values["quantization"] = "8bit" if data.get("load_in_8bit") else "none"
         return cls(**values)
+
+
+def _without_nones(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if value is not None}
+
+
+@dataclass(kw_only=True)
+class MergeCheck:
+    """A merged model's logits against the adapter model's on the run's kept eval rows, judged by a tolerance."""
+
+    samples: int
+    max_abs_logit_difference: float
+    label_agreement: float | None = None  # share of rows given the same label (classification only)
+    tolerance: dict[str, float]  # the measure judged and its bound: the logits when exact, else the labels
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return _without_nones(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergeCheck:
+        return cls(**data)
+
+
+@dataclass(kw_only=True)
+class OnnxCheck:
+    """An ONNX graph under onnxruntime against PyTorch on the same texts."""
+
+    runtime: str
+    samples: int
+    max_abs_logit_difference: float
+    tolerance: float
+
+
+@dataclass(kw_only=True)
+class MergeRecord:
+    """merge.json, in a merged folder: where the model came from and how closely it matches the adapter."""
+
+    source_run: str
+    method: str
+    base_model: str
+    trained_on: str  # the base's weights in training: none, 8bit or 4bit
+    dtype: str
+    check: MergeCheck
+    merged_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "check": self.check.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergeRecord:
+        return cls(**{**data, "check": MergeCheck.from_json(data["check"])})
+
+
+@dataclass(kw_only=True)
+class ExportRecord:
+    """export.json, in an exported folder: what was exported, how, and the checks it passed."""
+
+    source: str  # the folder exported, or the Hub id
+    format: str
+    dtype: str
+    check: OnnxCheck | None  # ONNX: onnxruntime against PyTorch
+    merge_check: MergeCheck | None  # an adapter run merged on the way: against the adapter model, as `merge`
+    exported_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "check": dataclasses.asdict(self.check) if self.check else {},  # {}: no check (safetensors)
+            "merge_check": self.merge_check.to_json() if self.merge_check else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportRecord:
+        merge_check = data.get("merge_check")
+        return cls(**{
+            **data,
+            "check": OnnxCheck(**data["check"]) if data.get("check") else None,
+            "merge_check": MergeCheck.from_json(merge_check) if merge_check else None,
+        })  # fmt: skip

@@ -94,7 +94,7 @@ def test_the_onnx_export_has_mean_pooling_in_its_graph(mean_run, tmp_path):
 
     run, trained = mean_run
     folder, record = export_model(run, "onnx", output=tmp_path / "onnx")
-    assert record["check"]["max_abs_logit_difference"] < 1e-5
+    assert record.check is not None and record.check.max_abs_logit_difference < 1e-5
     tokenizer = AutoTokenizer.from_pretrained(folder)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
     inputs = tokenizer(PROBE, padding=True, truncation=True, max_length=32, return_tensors="np")

@@ -159,7 +159,7 @@ def test_a_trained_prefix_exports_to_onnx(prefix_runs, tmp_path, arch):
 
     path, logits = prefix_runs[arch]
     folder, record = export_model(path, "onnx", output=tmp_path / "onnx")
-    assert record["check"]["max_abs_logit_difference"] <= 1e-4
+    assert record.check is not None and record.check.max_abs_logit_difference <= 1e-4
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = batch(AutoTokenizer.from_pretrained(folder))  # another batch size and length than the check's
     names = [i.name for i in session.get_inputs()]

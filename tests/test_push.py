@@ -127,7 +127,7 @@ def test_exporting_a_pushed_adapter_writes_a_standalone_model(hub, runs, in_tmp)
     folder, record = export_model("tester/to-export", "safetensors")
     assert folder == Path("to-export-export-safetensors") and (in_tmp / folder / "model.safetensors").is_file()
     assert not list((in_tmp / folder).glob("adapter_*")), "a standalone model, not the adapter again"
-    assert record["merge_check"]["passed"] and (in_tmp / folder / "recipe.yaml").is_file()
+    assert record.merge_check is not None and record.merge_check.passed and (in_tmp / folder / "recipe.yaml").is_file()
     labels = [p["label"] for p in predict_texts(runs["lora"], TEXTS)]
     assert [p["label"] for p in pipeline("text-classification", model=str(in_tmp / folder))(TEXTS)] == labels
 

@@ -19,6 +19,7 @@ from peftune.inference import batched_logits, load_target
 from peftune.merge import merge_adapter
 from peftune.predict import predict_file, predict_texts
 from peftune.recipe import load_recipe
+from peftune.record import ExportRecord
 from peftune.train import train
 
 NEW_TEXTS = [
@@ -125,7 +126,7 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(runs, tmp_path, kind):
 
     folder, record = export_model(runs[kind], "onnx", output=tmp_path / "onnx")
     # Float32 on the same inputs: far inside the tolerance (texts longer than max_length are cut for both sides).
-    assert record["check"]["max_abs_logit_difference"] < 1e-5
+    assert record.check is not None and record.check.max_abs_logit_difference < 1e-5
     assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert (folder / "tokenizer_config.json").is_file() and (folder / "labels.json").is_file()
 
@@ -183,9 +184,13 @@ def test_export_of_a_lora_run_checks_its_merge_as_merge_does(runs, tmp_path, mon
     from peftune import merge
 
     folder, record = export_model(runs["lora"], "safetensors", output=tmp_path / "st")
-    assert record["merge_check"]["passed"] and record["merge_check"]["max_abs_logit_difference"] < 1e-3
-    assert json.loads((folder / "export.json").read_text())["merge_check"] == record["merge_check"]
-    assert export_model(runs["full"], "safetensors", output=tmp_path / "full")[1]["merge_check"] is None
+    assert record.merge_check is not None and record.merge_check.passed
+    assert record.merge_check.max_abs_logit_difference < 1e-3
+    saved = json.loads((folder / "export.json").read_text())
+    assert ExportRecord.from_json(saved) == record and saved["check"] == {}  # no ONNX check for safetensors
+    keys = ["samples", "max_abs_logit_difference", "label_agreement", "tolerance", "passed"]
+    assert list(saved["merge_check"]) == keys
+    assert export_model(runs["full"], "safetensors", output=tmp_path / "full")[1].merge_check is None
     monkeypatch.setattr(merge, "MAX_LOGIT_DIFFERENCE", -1.0)  # a merge that cannot pass
     assert "disagrees with the adapter model" in one_line_error(
         export_model, runs["lora"], "onnx", output=tmp_path / "bad"
