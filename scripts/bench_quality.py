@@ -112,6 +112,11 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     "lora-6epochs": ("LoRA, six epochs (`train.num_train_epochs=6`)", ("method=lora", "train.num_train_epochs=6")),
     "lora-2epochs": ("LoRA, two epochs (`train.num_train_epochs=2`)", ("method=lora", "train.num_train_epochs=2"),
                      ("sst2",)),
+    # What the speed default (query and value) costs on the small tasks, and a larger rank at the same scale.
+    "lora-all-linear": ("LoRA on every linear layer (`lora.target_modules=all-linear`)",
+                        ("method=lora", "lora.target_modules=all-linear")),
+    "lora-r16": ("LoRA, rank 16, alpha 32 (`lora.r=16 lora.lora_alpha=32`)",
+                 ("method=lora", "lora.r=16", "lora.lora_alpha=32")),
 }  # fmt: skip
 
 
