@@ -35,6 +35,8 @@ MODEL_CONFIG = "config.json"  # transformers' config: marks a standalone model f
 HUB_UPLOAD_DIR = "hub-upload"  # `push --dry-run`: the folder the Hub would receive (-merged with --merged)
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint folders in checkpoints/, one per saved step
 ELAPSED_FILE = "peftune_elapsed.json"  # in each checkpoint: training seconds up to it, for resumed runs
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint, written last by Trainer: the checkpoint is complete
+TRAINING_ARGS = "training_args.bin"  # what Trainer saves beside the weights: a pickle, removed from the run folder
 RUNS_DIR = Path("runs")  # where runs (and sweeps) go by default, under the current folder
 # A sweep folder: its runs, their report, comparison tables and plot, the grid it ran and the runs' logs.
 SWEEP_REPORT_FILE = "report.md"

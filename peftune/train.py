@@ -341,7 +341,7 @@ def _record(
 
 def _write_run(run: rundir.RunDir, recipe: Recipe, prepared: Prepared, record: Metrics, weights: Path) -> None:
     """Everything but the weights, metrics.json last: its presence marks the run complete."""
-    (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
+    (weights / rundir.TRAINING_ARGS).unlink(missing_ok=True)  # a pickle; the run folder keeps recipe.yaml instead
     _tidy_adapter_config(weights / rundir.ADAPTER_CONFIG, recipe.model.name_or_path)
     run.write_json(rundir.LABELS_FILE, prepared.labels.to_json())
     columns = [*recipe.data.text_columns, recipe.data.label_column]

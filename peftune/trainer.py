@@ -96,7 +96,7 @@ def last_checkpoint(run: rundir.RunDir) -> Path | None:
     complete = [
         folder
         for folder in run.checkpoints_dir.glob(f"{rundir.CHECKPOINT_PREFIX}*")
-        if folder.name.removeprefix(rundir.CHECKPOINT_PREFIX).isdigit() and (folder / "trainer_state.json").is_file()
+        if folder.name.removeprefix(rundir.CHECKPOINT_PREFIX).isdigit() and (folder / rundir.TRAINER_STATE).is_file()
     ]
     return max(complete, key=step_of, default=None)
 
