@@ -1,7 +1,8 @@
 """Fine-tuning methods, one small unit each, registered in ``METHODS``.
 
 A method is the defaults of its recipe block, the peft config class the block is passed to, and what
-it needs from an architecture. Every block carries its own ``learning_rate``: adapters want rates ten to
+it needs from an architecture; adding one is one entry in ``METHODS`` (the recipe schema takes its block
+from here, `plan` its rows). Every block carries its own ``learning_rate``: adapters want rates ten to
 a hundred times larger than full fine-tuning, so switching ``method`` alone gives a fair run. Importing
 this module is cheap; peft and transformers are imported only when a config is built or checked.
 """
@@ -83,8 +84,8 @@ class Method:
         if self.peft_config_class is None:
             raise ValueError(f"method {self.name!r} has no peft config")
         options = {k: v for k, v in block.items() if k not in self.own_keys}
-        if model is not None:
-            options = self._architecture_defaults(options, model, modules_to_save)
+        if model is not None and self.fill_for_model is not None:
+            options = self.fill_for_model(self, options, model, modules_to_save)
         if modules_to_save:
             options["modules_to_save"] = sorted({*(options.get("modules_to_save") or []), *modules_to_save})
         config_class = getattr(peft, self.peft_config_class)
@@ -106,11 +107,6 @@ class Method:
             cast("PeftModel", model), torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
             loraplus_weight_decay=weight_decay,
         )  # fmt: skip
-
-    def _architecture_defaults(
-        self, options: dict[str, Any], model: PreTrainedModel, fresh: Sequence[str]
-    ) -> dict[str, Any]:
-        return self.fill_for_model(self, dict(options), model, fresh) if self.fill_for_model else dict(options)
 
 
 def _lora_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
