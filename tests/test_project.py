@@ -103,3 +103,17 @@ def test_a_test_run_without_the_real_data_says_in_one_line_why_tests_were_skippe
     said = [line for line in done.stdout.splitlines() if "PEFTUNE_DATA_DIR" in line]
     assert len(said) == 1 and str(missing) in said[0] and "../shared/data" in said[0], done.stdout[-2000:]
     assert said[0].startswith("skipped ") and " tests that need the real GLUE/IMDb files" in said[0]
+
+
+def test_the_code_layout_section_names_every_module_and_only_those():
+    import importlib
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### How the code is laid out", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)\.py`", section))
+    modules = {path.stem for path in (ROOT / "peftune").glob("*.py")} - {"__init__", "__main__"}
+    assert named == modules, f"README names {sorted(named - modules)} but not {sorted(modules - named)}"
+    # The functions it names as module.function exist where it says.
+    for module, name in re.findall(r"`(\w+)\.(\w+)`", section):
+        if module in modules and name != "py":
+            assert hasattr(importlib.import_module(f"peftune.{module}"), name), f"{module}.{name}"
