@@ -115,5 +115,5 @@ def test_the_code_layout_section_names_every_module_and_only_those():
     assert named == modules, f"README names {sorted(named - modules)} but not {sorted(modules - named)}"
     # The functions it names as module.function exist where it says.
     for module, name in re.findall(r"`(\w+)\.(\w+)`", section):
-        if module in modules and name != "py":
+        if module in modules and name not in ("py", "json"):  # file names, not attributes
             assert hasattr(importlib.import_module(f"peftune.{module}"), name), f"{module}.{name}"
