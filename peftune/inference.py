@@ -8,7 +8,6 @@ model, a merge, a safetensors export), an ONNX export, a pushed run's Hub id or 
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from peftune.methods import METHODS
 from peftune.modeling import compute_dtype, load_base_model, load_tokenizer, looks_local, with_attention_prefix
 from peftune.recipe import Recipe, load_recipe
 from peftune.rundir import LABELS_FILE, MODEL_CONFIG, ONNX_FILE, RECIPE_FILE, SAMPLES_FILE, RunDir, complete_run
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
