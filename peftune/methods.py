@@ -43,7 +43,8 @@ class Method:
     trains_pooler: bool = False  # BERT's pooler is trained in full with the head (modeling.head_modules)
     # Block keys that count something (a rank, a number of tokens): whole numbers of at least 1.
     counts: tuple[str, ...] = ()
-    # Fills the block's per-architecture defaults from the model (targets, sizes); None: the block as it is.
+    # The block with its per-architecture defaults filled from the model (targets, sizes), as a new dict;
+    # None: the block as it is.
     fill_for_model: Callable[[Method, dict[str, Any], Any, Sequence[str]], dict[str, Any]] | None = None
     # The rows `peftune plan` shows for this method: one per base precision ("none", "8bit", "4bit").
     planned: tuple[str, ...] = ()
@@ -122,7 +123,8 @@ def _lora_targets(method: Method, options: dict[str, Any], model: Any, fresh: Se
 def _ia3_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
     """IA3's modules for the architectures peft has no default for."""
     if options.get("target_modules") is None and model.config.model_type in IA3_TARGETS:
-        options["target_modules"], options["feedforward_modules"] = IA3_TARGETS[model.config.model_type]
+        targets, feedforward = IA3_TARGETS[model.config.model_type]
+        return {**options, "target_modules": targets, "feedforward_modules": feedforward}
     return options
 
 
@@ -132,10 +134,9 @@ def _token_sizes(method: Method, options: dict[str, Any], model: Any, fresh: Seq
     which can be narrower than the hidden size (ELECTRA's small models)."""
     config = model.config
     width = config.hidden_size if method.attention_prefix else model.get_input_embeddings().embedding_dim
-    options.setdefault("token_dim", width)
-    options.setdefault("num_layers", config.num_hidden_layers)
-    options.setdefault("num_attention_heads", config.num_attention_heads)
-    return options
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    sizes = {"token_dim": width, "num_layers": layers, "num_attention_heads": heads}
+    return {**sizes, **options}  # what the block sets wins
 
 
 METHODS: dict[str, Method] = {

@@ -91,7 +91,7 @@ def train(
     prepared = prepare_data(recipe)
     built = build_model(recipe, prepared.labels)
     # Under torchrun or accelerate launch, every process trains its share; only the main one writes.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = _is_main_process()
     if main_process:
         _start_folder(run, recipe, checkpoint, overwrite)
     done = fit_model(run, recipe, prepared, built, checkpoint, callbacks)
@@ -143,6 +143,11 @@ class Done:
     history: list[dict[str, Any]]
     epoch: float | None  # the epoch those weights come from: the last, or the best one's
     resumed_from: Path | None
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun or accelerate launch, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _fit_to_memory(recipe: Recipe, fit: str | None) -> tuple[Recipe, dict[str, Any] | None]:
@@ -229,7 +234,7 @@ def fit_model(
     import torch
 
     primary = prepared.metric_names[0]
-    if recipe.model.quantized and not torch.cuda.is_available() and int(os.environ.get("RANK", "0")) == 0:
+    if recipe.model.quantized and not torch.cuda.is_available() and _is_main_process():
         log.warning(
             "model.quantization=%s on a CPU trains slower than float32 (up to 1.5 times in our runs: bitsandbytes "
             "dequantizes the weights at every step) and saves little memory there; it pays on a GPU that cannot "
