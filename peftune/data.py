@@ -166,7 +166,10 @@ def infer_labels(spec: DataSpec, train: Dataset, evaluation: Dataset) -> Labels:
 
 
 def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, split_name: str) -> Dataset:
-    """Tokenize one split with `datasets.map` (batched, cached); padding is left to the collator."""
+    """Tokenize one split with `datasets.map` (batched, cached); padding is left to the collator.
+
+    Texts longer than `data.max_length` are cut to it; how many were is logged as a warning, not left silent.
+    """
     columns = spec.text_columns
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -179,9 +182,31 @@ def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, spl
                     )
         encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=spec.max_length)
         encoded["labels"] = [labels.encode(value) for value in batch[spec.label_column]]
+        encoded[_CUT] = were_cut(encoded, spec.max_length)
         return encoded
 
-    return split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {split_name}")
+    tokenized = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {split_name}")
+    say_cut(sum(tokenized[_CUT]), len(tokenized), f"{split_name} texts", spec.max_length)
+    return tokenized.remove_columns(_CUT)
+
+
+_CUT = "peftune_cut"  # a column while tokenizing: whether truncation cut the row
+
+
+def were_cut(encoded: Any, max_length: int) -> list[bool]:
+    """Whether truncation cut each row of a tokenizer's output: tokens left over (fast tokenizers say so), else
+    a row that fills `max_length` (a slow tokenizer keeps no overflow; a text of exactly that length counts)."""
+    encodings = getattr(encoded, "encodings", None)
+    if encodings:
+        return [bool(e.overflowing) for e in encodings]
+    return [len(ids) >= max_length for ids in encoded["input_ids"]]
+
+
+def say_cut(cut: int, total: int, what: str, max_length: int, hint: str = "raise data.max_length") -> None:
+    """One warning line when texts were longer than the model reads: they were classified by their start only."""
+    if cut:
+        log.warning("%d of %d %s are longer than %d tokens and were cut to their first %d; %s",
+                    cut, total, what, max_length, max_length, hint)  # fmt: skip
 
 
 def read_table(path: str | Path) -> Dataset:

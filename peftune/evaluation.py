@@ -49,7 +49,7 @@ def evaluate(
         ) from None
     columns = recipe.data.text_columns
     pairs = rows[columns[1]] if len(columns) == 2 else None
-    logits = batched_logits(loaded, rows[columns[0]], pairs, batch_size, progress=True)
+    logits = batched_logits(loaded, rows[columns[0]], pairs, batch_size, progress=True, say_cut=True)
     names = recipe.metrics or metrics.default_metrics(labels.problem_type)
     result: dict[str, Any] = {
         "target": str(target),

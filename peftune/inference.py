@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from peftune import pooling
+from peftune import data, pooling
 from peftune.data import Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
@@ -227,14 +227,22 @@ def batched_logits(
     pairs: Sequence[str] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    say_cut: bool = False,
 ) -> np.ndarray:
-    """Logits for every text (or text pair), batched by length so that little padding is computed."""
+    """Logits for every text (or text pair), batched by length so that little padding is computed.
+
+    `say_cut`: warn, in one line, how many texts were longer than the model reads (they are cut to it).
+    """
     import torch
     from tqdm.auto import tqdm
 
     model, tokenizer = loaded.model, loaded.tokenizer
     max_length = input_length(loaded)
     encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
+    if say_cut:
+        data.say_cut(sum(data.were_cut(encoded, max_length)), len(texts), "texts", max_length,
+                     "the model was trained on that length: a longer one needs a run trained with a larger "
+                     "data.max_length")  # fmt: skip
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
     device = model.device  # transformers and peft models have one, as does an ONNX export under onnxruntime

@@ -50,7 +50,7 @@ def predict_texts(
     _check_pairs(loaded, pairs is not None)
     if pairs is not None and len(pairs) != len(texts):
         raise PeftuneError(f"got {len(texts)} texts but {len(pairs)} pair texts; give one --pair per --text")
-    logits = batched_logits(loaded, texts, pairs, batch_size)
+    logits = batched_logits(loaded, texts, pairs, batch_size, say_cut=True)
     return [
         {"text": text, **({"pair": pairs[i]} if pairs is not None else {}), **record}
         for i, (text, record) in enumerate(
@@ -85,7 +85,7 @@ def predict_file(
     _check_pairs(loaded, len(columns) == 2)
     texts = [_text(value, columns[0], i) for i, value in enumerate(table[columns[0]])]
     pairs = [_text(value, columns[1], i) for i, value in enumerate(table[columns[1]])] if len(columns) == 2 else None
-    logits = batched_logits(loaded, texts, pairs, batch_size, progress=True)
+    logits = batched_logits(loaded, texts, pairs, batch_size, progress=True, say_cut=True)
     records = to_predictions(logits, loaded.labels, probabilities)
     with staged(output, replace=True) as partial:
         _write(partial, output.suffix, table.to_list(), records)

@@ -244,3 +244,31 @@ def test_real_imdb_jsonl_gz(shared_data):
     train, evaluation = load_splits(data, seed=0)
     assert (len(train), len(evaluation)) == (25000, 25000)
     assert infer_labels(data, train, evaluation).names == ("0", "1")
+
+
+def test_tokenize_says_how_many_texts_it_cut(tiny_models, caplog):
+    """A text longer than data.max_length is cut to it; the count is one warning line, none when nothing is cut."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from peftune.data import were_cut
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("bert"))
+    texts = ["word " * n for n in (3, 13, 14, 15, 40, 200)]
+    # Sentences of 14 words fill 16 tokens with [CLS] and [SEP] exactly: not cut. 15 and more are.
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths[2] == 16 and lengths[3] == 17
+    raw = Dataset.from_dict({"a": texts, "label": [0] * len(texts)})
+    labels = Labels(names=("0", "1"))
+    with caplog.at_level("WARNING", logger="peftune.data"):
+        tokenized = tokenize(raw, tokenizer, spec(source="x", text_columns="a", max_length=16), labels, "train")
+    assert "peftune_cut" not in tokenized.column_names
+    assert sum(n > 16 for n in lengths) == 3 and caplog.messages == [
+        "3 of 6 train texts are longer than 16 tokens and were cut to their first 16; raise data.max_length"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftune.data"):
+        tokenize(raw, tokenizer, spec(source="x", text_columns="a", max_length=512), labels, "validation")
+    assert caplog.messages == []
+    # A tokenizer without overflow information (no `encodings`): a row that fills max_length counts as cut.
+    assert were_cut({"input_ids": [[1] * 16, [1] * 5]}, 16) == [True, False]

@@ -258,6 +258,27 @@ def test_predict_texts_and_files(runs, tmp_path):
     assert set(first) == {"text", "label", "score", "probabilities"}
 
 
+def test_predict_and_eval_say_how_many_texts_were_cut(runs, tmp_path, caplog):
+    """The runs read 32 tokens: a longer text is classified by its start, and predict and eval say how many were."""
+    long = "The battery lasts two days and the screen is sharp, " * 10
+    with caplog.at_level("WARNING", logger="peftune.data"):
+        predict_texts(runs["lora"], [long, "Setup took five minutes.", long])
+    said = [r.getMessage() for r in caplog.records if r.name == "peftune.data"]
+    assert len(said) == 1 and said[0].startswith(
+        "2 of 3 texts are longer than 32 tokens and were cut to their first 32; the model was trained on that length"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftune.data"):
+        predict_texts(runs["lora"], ["Setup took five minutes."])
+    assert [r for r in caplog.records if r.name == "peftune.data"] == []
+    # eval counts the rows of the split it scores.
+    (tmp_path / "long.csv").write_text(f'text,label\n"{long}",positive\nFine.,positive\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="peftune.data"):
+        evaluate(runs["lora"], overrides=[f"data.files.validation={tmp_path / 'long.csv'}"], output=tmp_path / "e.json")
+    said = [r.getMessage() for r in caplog.records if r.name == "peftune.data"]
+    assert len(said) == 1 and said[0].startswith("1 of 2 texts are longer than 32 tokens")
+
+
 def test_predict_from_every_kind_of_target_agrees(runs, tmp_path):
     merged = merge_adapter(runs["lora"], output=tmp_path / "merged")
     exported, _ = export_model(runs["lora"], "safetensors", output=tmp_path / "exported")
