@@ -53,6 +53,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
 }
 
+# Keys of the `train` block that peftune reads itself rather than passing to TrainingArguments.
+TRAIN_OWN = ("class_weights",)  # balanced, or one weight per label in label order (peftune.losses)
 # TrainingArguments keys that peftune sets itself, and where a recipe sets them instead.
 TRAIN_OWNED = {"output_dir": "the top-level output_dir key", "seed": "the top-level seed key"}
 # Keys that older transformers releases had and that recipes found online still use.
@@ -223,6 +225,19 @@ class Recipe(_WithBlocks):
         return self
 
     @model_validator(mode="after")
+    def _class_weights_are_weights(self) -> Recipe:
+        weights = self.train.get("class_weights")
+        numbers = isinstance(weights, list) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
+        )
+        if weights is not None and weights != "balanced" and not (numbers and any(weights)):
+            raise ValueError(
+                f"train.class_weights is balanced or a list of weights, one per label (numbers of at least 0, "
+                f"not all 0), got {weights!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sizes_are_positive(self) -> Recipe:
         # peft accepts these in its configs and fails only when it builds the model, after the data is loaded.
         for name, method in METHODS.items():
@@ -266,7 +281,8 @@ class Recipe(_WithBlocks):
 
     def training_arguments(self, output_dir: str) -> dict[str, Any]:
         """Keyword arguments for ``transformers.TrainingArguments``."""
-        return {**self.train, "learning_rate": self.learning_rate, "seed": self.seed, "output_dir": output_dir}
+        passed = {key: value for key, value in self.train.items() if key not in TRAIN_OWN}
+        return {**passed, "learning_rate": self.learning_rate, "seed": self.seed, "output_dir": output_dir}
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, every default filled in."""
@@ -435,7 +451,7 @@ def check_passthrough(recipe: Recipe) -> None:
             raise PeftuneError(f"{name}: {first_line(err)}; fix the {name} block") from None
 
     known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    _check_keys("train", recipe.train, known - set(TRAIN_OWNED), {**TRAIN_OWNED, **TRAIN_RENAMED})
+    _check_keys("train", recipe.train, (known - set(TRAIN_OWNED)) | set(TRAIN_OWN), {**TRAIN_OWNED, **TRAIN_RENAMED})
     _check_types("train", recipe.train, TrainingArguments)
     try:
         TrainingArguments(**recipe.training_arguments(output_dir="unused"))

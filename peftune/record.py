@@ -39,6 +39,7 @@ class Metrics:
     trainable_share: float
     fresh_modules: list[str] = field(default_factory=list)  # new in the model, trained in full
     learning_rate: float | None = None
+    class_weights: list[float] | None = None  # train.class_weights, one per label; None: unweighted loss
     train_samples: int
     eval_samples: int
     global_steps: int | None = None

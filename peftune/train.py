@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peftune import card, data, metrics, modeling, plan, rundir, trainer
+from peftune import card, data, losses, metrics, modeling, plan, rundir, trainer
 from peftune.batching import LengthBucketSampler
 from peftune.data import Labels
 from peftune.methods import METHODS
@@ -118,6 +118,7 @@ class Prepared:
     eval_set: Any  # sorted by length: fewer padded tokens, same metrics
     train_lengths: list[int]  # tokens per training example: length buckets and tokens/s
     tokenize_seconds: float
+    class_weights: list[float] | None  # train.class_weights resolved, one per label; None: unweighted loss
 
 
 @dataclass
@@ -179,7 +180,11 @@ def prepare_data(recipe: Recipe) -> Prepared:
     eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
     eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
     train_lengths = [len(ids) for ids in train_set["input_ids"]]
-    return Prepared(tokenizer, labels, metric_names, eval_raw, train_set, eval_set, train_lengths, tokenize_seconds)
+    train_labels = train_set["labels"]
+    weights = losses.class_weights(recipe.train.get("class_weights"), labels, train_labels)
+    losses.warn_if_skewed(labels, train_labels, weighted=weights is not None)
+    return Prepared(tokenizer, labels, metric_names, eval_raw, train_set, eval_set, train_lengths, tokenize_seconds,
+                    weights)  # fmt: skip
 
 
 def build_model(recipe: Recipe, labels: Labels) -> Built:
@@ -253,6 +258,7 @@ def fit_model(
         train_set=prepared.train_set, eval_set=prepared.eval_set, tokenizer=prepared.tokenizer,
         compute_metrics=metrics.trainer_metrics(prepared.metric_names, prepared.labels.problem_type),
         callbacks=callbacks, seconds_before=before,
+        compute_loss=losses.weighted_loss(prepared.class_weights) if prepared.class_weights else None,
     )  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -317,6 +323,7 @@ def _record(
         trainable_share=built.trainable / built.total,
         fresh_modules=built.fresh,
         learning_rate=recipe.learning_rate,
+        class_weights=prepared.class_weights,
         train_samples=len(prepared.train_set),
         eval_samples=len(prepared.eval_set),
         global_steps=state.global_step,

@@ -33,9 +33,11 @@ def build_trainer(
     compute_metrics: Any,
     callbacks: Sequence[Any],
     seconds_before: float,
+    compute_loss: Any = None,
 ) -> Any:
     """A transformers Trainer that draws its training batches from `sampler` (length buckets; None: Trainer's
-    own order), logs one plain line per entry, and writes the training time so far into every checkpoint."""
+    own order), logs one plain line per entry, and writes the training time so far into every checkpoint.
+    `compute_loss` replaces the model's own loss (peftune.losses: class weights)."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer
 
@@ -53,6 +55,7 @@ def build_trainer(
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
+        compute_loss_func=compute_loss,
         callbacks=[*callbacks, _elapsed_time(seconds_before)],
     )
     _log_lines(trainer)

@@ -101,6 +101,15 @@ CASES: dict[str, Case] = {
         ),
         "cannot keep the best checkpoint: with prefix.prefix_projection=true",
     ),
+    "class weights of the wrong length": (
+        lambda w: train(w, "train.class_weights=[1.0, 2.0, 3.0]"),
+        "train.class_weights has 3 weights but the data has 2 labels (negative, positive)",
+    ),
+    "class weights that are not weights": (
+        lambda w: ["validate", w.recipe, "train.class_weights=often"],
+        "train.class_weights is balanced or a list of weights",
+    ),
+    "negative class weight": (lambda w: ["validate", w.recipe, "train.class_weights=[1, -2]"], "got [1, -2]"),
     "NUL in a path": (lambda w: ["validate", w.recipe, 'data.files.train="a\\0b"'], "holds a NUL character"),
     "unset environment variable": (lambda w: train(w, "data.files.train=${NO_SUCH_DIR}/t.csv"), "NO_SUCH_DIR"),
     "run name with a path": (lambda w: ["validate", w.recipe, "name=../evil"], "'../evil' cannot name a run folder"),
