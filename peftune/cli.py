@@ -200,7 +200,8 @@ def eval_command(
     result = evaluate(target, split=split, overrides=overrides, output=output, batch_size=batch_size)
     click.echo(format_result(result))
     if "written_to" in result:
-        click.echo(f"\nwritten to {result['written_to']}")
+        plot = result.get("confusion_matrix_plot")
+        click.echo(f"\nwritten to {result['written_to']}" + (f" (confusion matrix: {plot})" if plot else ""))
 
 
 @main.command("predict")

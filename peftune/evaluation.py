@@ -62,18 +62,55 @@ def evaluate(
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if labels.names is not None:
-        from sklearn.metrics import confusion_matrix
-
-        matrix = confusion_matrix(targets, logits.argmax(-1), labels=list(range(labels.num_labels)))
-        result["confusion_matrix"] = {"labels": list(labels.names), "rows_true_columns_predicted": matrix.tolist()}
+        result.update(_per_label(targets, logits.argmax(-1), labels.names))
     path = Path(output) if output else _default_output(target, recipe.data.eval_split)
     if path is not None:
         import json
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        if labels.names is not None:  # beside the JSON: eval-validation.png
+            result["confusion_matrix_plot"] = str(_plot_confusion(result["confusion_matrix"], path.with_suffix(".png")))
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         result["written_to"] = str(path)
     return result
+
+
+def _per_label(targets: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """The confusion matrix, each label's precision, recall, F1 and support, and their unweighted (macro) means:
+    what accuracy hides when the classes are skewed."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    ids = list(range(len(names)))
+    matrix = confusion_matrix(targets, predicted, labels=ids)
+    precision, recall, f1, support = precision_recall_fscore_support(targets, predicted, labels=ids, zero_division=0)
+    return {
+        "confusion_matrix": {"labels": list(names), "rows_true_columns_predicted": matrix.tolist()},
+        "per_label": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(names, precision, recall, f1, support, strict=True)
+        },
+        "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+    }
+
+
+def _plot_confusion(confusion: dict[str, Any], path: Path) -> Path:
+    """The confusion matrix as a PNG (scikit-learn's display: counts, rows true, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    names = confusion["labels"]
+    size = max(4.0, 0.6 * len(names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    matrix = np.array(confusion["rows_true_columns_predicted"])
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=axes, cmap="Blues", colorbar=False)
+    axes.set_title("confusion matrix")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -83,6 +120,15 @@ def format_result(result: dict[str, Any]) -> str:
     for name, value in result["metrics"].items():
         marker = "  (primary)" if name == result["primary_metric"] else ""
         lines.append(f"  {name.ljust(width)}  {value:.4f}{marker}")
+    per_label = result.get("per_label")
+    if per_label:
+        cell = max(9, *(len(n) for n in per_label))
+        lines += ["", "".join(h.rjust(cell if i == 0 else 11) for i, h in enumerate(
+            ("label", "precision", "recall", "f1", "support")))]  # fmt: skip
+        rows = [*per_label.items(), ("macro", {**result["macro"], "support": result["examples"]})]
+        for name, s in rows:
+            lines.append(name.rjust(cell) + "".join(f"{s[k]:11.4f}" for k in ("precision", "recall", "f1"))
+                         + f"{s['support']:11d}")  # fmt: skip
     confusion = result.get("confusion_matrix")
     if confusion:
         names = confusion["labels"]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from peftune.cli import main
 from peftune.errors import PeftuneError
-from peftune.evaluation import evaluate
+from peftune.evaluation import evaluate, format_result
 from peftune.export import export_model
 from peftune.inference import batched_logits, load_target
 from peftune.merge import merge_adapter
@@ -220,6 +220,25 @@ def test_eval_reproduces_the_training_metrics(runs):
     matrix = np.array(result["confusion_matrix"]["rows_true_columns_predicted"])
     assert matrix.sum() == 32 and matrix.trace() / 32 == pytest.approx(recorded["accuracy"])
     assert json.loads((runs["lora"] / "eval-validation.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_eval_gives_each_label_its_precision_and_recall_and_draws_the_matrix(runs, tmp_path):
+    result = evaluate(runs["lora"], output=tmp_path / "e.json")
+    matrix = np.array(result["confusion_matrix"]["rows_true_columns_predicted"])
+    for i, name in enumerate(result["confusion_matrix"]["labels"]):
+        scores = result["per_label"][name]
+        assert scores["support"] == matrix[i].sum()
+        assert scores["recall"] == pytest.approx(matrix[i, i] / matrix[i].sum())
+        assert scores["precision"] == pytest.approx(matrix[i, i] / max(matrix[:, i].sum(), 1))
+    f1s = [s["f1"] for s in result["per_label"].values()]
+    assert result["macro"]["f1"] == pytest.approx(sum(f1s) / len(f1s))
+    # Binary F1 is the positive label's; macro F1 averages both labels.
+    assert result["per_label"]["positive"]["f1"] == pytest.approx(result["metrics"]["f1"])
+    plot = tmp_path / "e.png"
+    assert result["confusion_matrix_plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "e.json").read_text())["confusion_matrix_plot"] == str(plot)
+    text = format_result(result)
+    assert "macro" in text and f"{result['macro']['f1']:.4f}" in text
 
 
 def test_eval_on_other_data_and_on_a_merged_folder(runs, tmp_path):
