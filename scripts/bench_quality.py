@@ -117,6 +117,9 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
                         ("method=lora", "lora.target_modules=all-linear")),
     "lora-r16": ("LoRA, rank 16, alpha 32 (`lora.r=16 lora.lora_alpha=32`)",
                  ("method=lora", "lora.r=16", "lora.lora_alpha=32")),
+    # Every linear layer at half the rate: the old default's layers and the twins' old rate, without dropout.
+    "lora-all-linear-1e-3": ("LoRA on every linear layer at 1e-3 (`lora.target_modules=all-linear lora.learning_rate=1e-3`)",
+                             ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3")),
 }  # fmt: skip
 
 
