@@ -118,8 +118,12 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     "lora-r16": ("LoRA, rank 16, alpha 32 (`lora.r=16 lora.lora_alpha=32`)",
                  ("method=lora", "lora.r=16", "lora.lora_alpha=32")),
     # Every linear layer at half the rate: the old default's layers and the twins' old rate, without dropout.
-    "lora-all-linear-1e-3": ("LoRA on every linear layer at 1e-3 (`lora.target_modules=all-linear lora.learning_rate=1e-3`)",
-                             ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3")),
+    "lora-all-linear-1e-3": ("LoRA on every linear layer at 1e-3 (`all-linear`, `lora.learning_rate=1e-3`)",
+                             ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"),
+                             ("cola", "mrpc", "stsb", "sst2")),
+    # The minority class weighed up (CoLA's 30% "unacceptable"): Matthews correlation rewards getting it right.
+    "lora-balanced": ("LoRA with balanced class weights (`train.class_weights=balanced`)",
+                      ("method=lora", "train.class_weights=balanced"), ("cola",)),
 }  # fmt: skip
 
 
