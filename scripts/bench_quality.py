@@ -439,7 +439,7 @@ def write_report(runs: Path, report: Path) -> None:
               *seed_lines(rows.get("sst2", {}), runs)]  # fmt: skip
     lines += [
         "",
-        "## What each lever gave (LoRA's weakest tasks, and SST-2's epochs)",
+        "## What each lever gave (LoRA's weakest tasks first; some levers on every task)",
         "",
         "`python scripts/bench_quality.py --levers`: the task's recipe with one change each, seed 42, against "
         "the task's LoRA and full fine-tuning rows above. Which levers are kept, and why, is in the notes.",
