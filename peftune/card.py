@@ -71,7 +71,8 @@ def model_card(
         if name not in NOT_METRICS and isinstance(value, int | float)
     ]
     quantized = {"8bit": ["8-bit"], "4bit": ["4-bit"]}.get(recipe.model.quantization, [])
-    tags = ["peftune", "text-classification", recipe.method, *quantized]
+    tags = ["peftune", "text-classification", recipe.method, *quantized,
+            *(["multi-label"] if labels.multi_label else [])]  # fmt: skip
     card_data = ModelCardData(
         library_name=library, base_model=base_id, pipeline_tag="text-classification", tags=tags,
         datasets=[hub_dataset] if hub_dataset else None, license=license, model_name=place.title,
@@ -92,6 +93,14 @@ def _body(recipe: Recipe, metrics: Metrics, labels: Labels, place: Place, librar
         + (f" ({kind}: the {recipe.method} adapter folded into the weights)" if kind else ""),
     }[library]
     label_text = ", ".join(f"`{n}`" for n in labels.names) if labels.names else "one regression score"
+    if labels.multi_label:
+        label_text = (
+            f"multi-label: any number of {label_text} per text, each with its own sigmoid score; a label applies "
+            "when its score reaches its threshold ("
+            + ", ".join(f"`{n}` {t:g}" for n, t in zip(labels.names or (), labels.decide_thresholds(), strict=True))
+            + (f", tuned on the {metrics.thresholds_tuned_on!r} split" if metrics.thresholds_tuned_on else "")
+            + "; also in `labels.json`)"
+        )
     usage = _usage(recipe, labels, place, library)
     primary = metrics.primary_metric
     rows = "\n".join(
@@ -133,18 +142,22 @@ The resolved recipe (also in `recipe.yaml`):
 
 
 def _usage(recipe: Recipe, labels: Labels, place: Place, library: str) -> str:
+    top_k = ", top_k=None" if labels.multi_label else ""  # every label's sigmoid score, not only the best one
     if library == "transformers":
         usage = f"""```python
 from transformers import pipeline
 
 classifier = pipeline("text-classification", model="{place.load_from}")
-print(classifier("A sentence to classify."))
+print(classifier("A sentence to classify."{top_k}))
 ```"""
     else:
         id2label = repr({int(i): name for i, name in labels.id2label.items()})  # a Python dict: integer ids
         label_args = (
             f"num_labels={labels.num_labels}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}"
         )
+        if labels.multi_label:
+            label_args += ', problem_type="multi_label_classification"'
+
         if place.on_hub:  # adapter_config.json names the base by its Hub id
             usage = f"""```python
 from peft import AutoPeftModelForSequenceClassification
@@ -176,7 +189,16 @@ tokenizer = AutoTokenizer.from_pretrained("{place.load_from}")
             usage += "\n\n" + _PREFIX_NOTE
     if recipe.model.pooling == "mean":
         usage += "\n\n" + pooling.USAGE_NOTE
+    if recipe.data.long_text == "chunk":
+        usage += "\n\n" + _CHUNK_NOTE.format(length=recipe.data.max_length, pooling=recipe.data.window_pooling)
     return usage
+
+
+_CHUNK_NOTE = (
+    "Trained on long texts in overlapping windows of {length} tokens (`data.long_text: chunk`): `peftune predict` "
+    "reads a text the same way and takes the {pooling} of its windows' logits; transformers alone reads the first "
+    "{length} tokens only."
+)
 
 
 def _base_expression(name: str) -> tuple[str, str]:

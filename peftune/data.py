@@ -6,9 +6,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from peftune.errors import PeftuneError, first_line
 from peftune.recipe import DataSpec, local_path
@@ -31,17 +34,34 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
+# Labels.problem_type -> the `problem_type` of a transformers config (it picks the loss and pipeline's scores).
+HF_PROBLEM_TYPES = {
+    "classification": "single_label_classification",
+    "multi_label": "multi_label_classification",
+    "regression": "regression",
+}
+
+
 @dataclass(frozen=True)
 class Labels:
-    """The label space: class names in id order, or none for regression."""
+    """The label space: class names in id order, or none for regression.
+
+    Multi-label: any number of the names per example (a multi-hot target), each predicted when its sigmoid
+    score reaches its threshold.
+    """
 
     names: tuple[str, ...] | None
     # For classification data whose labels are not the names themselves: raw value -> class id.
     values: dict[str, int] | None = None
+    multi_label: bool = False
+    separator: str | None = None  # multi-label labels given as one string: where it splits
+    thresholds: tuple[float, ...] | None = None  # multi-label: one per name
 
     @property
     def problem_type(self) -> str:
-        return "regression" if self.names is None else "classification"
+        if self.names is None:
+            return "regression"
+        return "multi_label" if self.multi_label else "classification"
 
     @property
     def num_labels(self) -> int:
@@ -55,26 +75,57 @@ class Labels:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in self.id2label.items()}
 
-    def encode(self, value: Any) -> int | float:
-        """The model's training target for one raw label value."""
+    def encode(self, value: Any) -> int | float | list[float]:
+        """The model's training target for one raw label value (multi-label: one 0/1 per name)."""
         if self.names is None:
             return float(value)
+        if self.multi_label:
+            hot = [0.0] * len(self.names)
+            for name in self.split(value):
+                if name not in self.names:
+                    raise ValueError(f"{name!r} is not one of {list(self.names)}")
+                hot[self.names.index(name)] = 1.0
+            return hot
         key = _label_key(value)
         return self.values[key] if self.values is not None else self.names.index(key)
 
+    def split(self, value: Any) -> list[str]:
+        """A multi-label row's label names: a list as it is, a string split at the separator."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            parts = value.split(self.separator) if self.separator else [value]
+            return [part.strip() for part in parts if part.strip()]
+        return [_label_key(item) for item in value]
+
+    def decide_thresholds(self) -> tuple[float, ...]:
+        """Multi-label: each label's threshold on its sigmoid score (0.5 where none was saved)."""
+        return self.thresholds or (0.5,) * self.num_labels
+
+    def decide(self, scores: Any) -> Any:
+        """Multi-label: which labels each row of sigmoid scores predicts (its score reaches the label's threshold)."""
+        return np.asarray(scores) >= np.asarray(self.decide_thresholds())
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        saved: dict[str, Any] = {
             "problem_type": self.problem_type,
             "id2label": {str(i): name for i, name in self.id2label.items()},
             "label2id": self.label2id,
             "values": self.values,
         }
+        if self.multi_label:
+            saved.update(separator=self.separator, thresholds=list(self.decide_thresholds()))
+        return saved
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Labels:
         if data["problem_type"] == "regression":
             return cls(names=None)
         names = tuple(data["id2label"][str(i)] for i in range(len(data["id2label"])))
+        if data["problem_type"] == "multi_label":
+            thresholds = data.get("thresholds")
+            return cls(names=names, multi_label=True, separator=data.get("separator"),
+                       thresholds=tuple(thresholds) if thresholds else None)  # fmt: skip
         return cls(names=names, values=data.get("values"))
 
     @classmethod
@@ -113,11 +164,20 @@ def load_splits(spec: DataSpec, seed: int, carve: bool = True) -> tuple[Dataset,
 
 def infer_labels(spec: DataSpec, train: Dataset, evaluation: Dataset) -> Labels:
     """The label space from the recipe (`data.labels`, `data.problem_type`) and the data itself."""
-    from datasets import ClassLabel, Value
+    from datasets import ClassLabel, List, Sequence, Value
 
     feature = train.features[spec.label_column]
     is_float = isinstance(feature, Value) and feature.dtype.startswith("float")
-    problem_type = spec.problem_type or ("regression" if is_float and spec.labels is None else "classification")
+    is_list = isinstance(feature, (List, Sequence))
+    problem_type = spec.problem_type or (
+        "multi_label" if is_list else "regression" if is_float and spec.labels is None else "classification"
+    )
+    if problem_type == "multi_label":
+        return _multi_labels(spec, feature, train, evaluation)
+    if is_list:
+        raise PeftuneError(
+            f"column {spec.label_column!r} holds a list of labels per row; set data.problem_type: multi_label"
+        )
     if problem_type == "regression":
         if not (isinstance(feature, Value) and (is_float or feature.dtype.startswith("int"))):
             raise PeftuneError(
@@ -165,14 +225,95 @@ def infer_labels(spec: DataSpec, train: Dataset, evaluation: Dataset) -> Labels:
     return Labels(names=tuple(sorted(seen_keys)))
 
 
+def _multi_labels(spec: DataSpec, feature: Any, train: Dataset, evaluation: Dataset) -> Labels:
+    """Multi-label: the names in the label lists (or separated strings) of both splits, or data.labels."""
+    from datasets import List, Sequence, Value
+
+    is_text = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    if not isinstance(feature, (List, Sequence)) and not is_text:
+        raise PeftuneError(
+            f"multi_label needs a list of label names per row (JSON/JSONL) or one string of names, but column "
+            f"{spec.label_column!r} holds {feature}; fix the data or data.problem_type"
+        )
+    if is_text and spec.label_separator is None:
+        raise PeftuneError(
+            f"column {spec.label_column!r} holds one string per row: set data.label_separator to the character "
+            "between its label names (for example '|')"
+        )
+    reader = Labels(names=(), multi_label=True, separator=spec.label_separator)
+    seen = {name for split in (train, evaluation) for row in split[spec.label_column] for name in reader.split(row)}
+    if spec.labels is None:
+        if not seen:
+            raise PeftuneError(f"column {spec.label_column!r} names no label in any row; check the data")
+        names = tuple(sorted(seen))
+    else:
+        names = tuple(spec.labels)
+        unknown = sorted(seen - set(names))
+        if unknown:
+            raise PeftuneError(
+                f"label {unknown[0]!r} in column {spec.label_column!r} is not in data.labels {list(names)}; "
+                "add it to data.labels or fix the data"
+            )
+    thresholds = spec.thresholds
+    if isinstance(thresholds, list) and len(thresholds) != len(names):
+        raise PeftuneError(
+            f"data.thresholds has {len(thresholds)} values but the data has {len(names)} labels "
+            f"({', '.join(names)}); give one per label in that order, one number for all, or tune"
+        )
+    per_label = tuple(thresholds) if isinstance(thresholds, list) else (
+        (0.5 if thresholds == "tune" else float(thresholds)),) * len(names)  # fmt: skip
+    return Labels(names=names, multi_label=True, separator=spec.label_separator, thresholds=per_label)
+
+
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int, stride: int | None = None
+) -> tuple[Any, list[int]]:
+    """Tokenizer output for texts (and their pairs), with the text each row comes from.
+
+    Without a stride, one row per text, cut to `max_length` tokens. With one (`data.long_text=chunk`), each
+    text's windows of `max_length` tokens, consecutive windows sharing `stride` tokens, as many as it takes.
+    """
+    if stride is None:
+        encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
+                            max_length=max_length)  # fmt: skip
+        return encoded, list(range(len(texts)))
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if stride >= room:
+        raise PeftuneError(
+            f"data.stride ({stride}) leaves no new tokens in a window of {max_length} tokens ({room} of them text); "
+            f"set data.stride below {room}, for example {max_length // 4}"
+        )
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, stride=stride,
+                        return_overflowing_tokens=True)  # fmt: skip
+    return encoded, list(encoded.pop("overflow_to_sample_mapping"))
+
+
+def pool_windows(
+    logits: np.ndarray, documents: Sequence[int] | np.ndarray, count: int, how: str = "mean"
+) -> np.ndarray:
+    """One row of logits per text from its windows' rows (`documents[i]`: the text row i belongs to)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    index = np.asarray(documents, dtype=np.int64)
+    if how == "max":
+        pooled = np.full((count, logits.shape[-1]), -np.inf, dtype=np.float32)
+        np.maximum.at(pooled, index, logits)
+        return pooled
+    pooled = np.zeros((count, logits.shape[-1]), dtype=np.float32)
+    np.add.at(pooled, index, logits)
+    return pooled / np.bincount(index, minlength=count).clip(min=1)[:, None]
+
+
 def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, split_name: str) -> Dataset:
     """Tokenize one split with `datasets.map` (batched, cached); padding is left to the collator.
 
-    Texts longer than `data.max_length` are cut to it; how many were is logged as a warning, not left silent.
+    Texts longer than `data.max_length` are cut to it (how many were is logged as a warning, not left silent),
+    or with `data.long_text=chunk` split into windows that each carry the text's label; then the column
+    `DOCUMENT` says which row of `split` each window comes from.
     """
     columns = spec.text_columns
+    stride = spec.window_stride
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         for column in columns:
             for text in batch[column]:
                 if not isinstance(text, str):
@@ -180,17 +321,32 @@ def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, spl
                         f"split {split_name!r} has a row whose {column!r} is {text!r}, not text; "
                         "remove or fix such rows in the data"
                     )
-        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=spec.max_length)
-        encoded["labels"] = [labels.encode(value) for value in batch[spec.label_column]]
-        encoded[_CUT] = were_cut(encoded, spec.max_length)
+        pairs = batch[columns[1]] if len(columns) == 2 else None
+        encoded, rows = encode_texts(tokenizer, batch[columns[0]], pairs, spec.max_length, stride)
+        try:
+            targets = [labels.encode(value) for value in batch[spec.label_column]]
+        except ValueError as err:
+            raise PeftuneError(
+                f"split {split_name!r} has a label the model does not know ({err}); fix the data"
+            ) from None
+        encoded["labels"] = [targets[row] for row in rows]
+        encoded[DOCUMENT] = [indices[row] for row in rows]
+        if stride is None:
+            encoded[_CUT] = were_cut(encoded, spec.max_length)
         return encoded
 
-    tokenized = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {split_name}")
-    say_cut(sum(tokenized[_CUT]), len(tokenized), f"{split_name} texts", spec.max_length)
-    return tokenized.remove_columns(_CUT)
+    tokenized = split.map(encode, batched=True, with_indices=True, remove_columns=split.column_names,
+                          desc=f"Tokenizing {split_name}")  # fmt: skip
+    if stride is None:
+        say_cut(sum(tokenized[_CUT]), len(tokenized), f"{split_name} texts", spec.max_length)
+        return tokenized.remove_columns([_CUT, DOCUMENT])
+    log.info("%s: %d texts in %d windows of up to %d tokens (%d shared)", split_name, len(split), len(tokenized),
+             spec.max_length, stride)  # fmt: skip
+    return tokenized
 
 
 _CUT = "peftune_cut"  # a column while tokenizing: whether truncation cut the row
+DOCUMENT = "peftune_document"  # a column of chunked splits: the text (row of the split) a window comes from
 
 
 def were_cut(encoded: Any, max_length: int) -> list[bool]:

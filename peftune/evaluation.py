@@ -56,19 +56,23 @@ def evaluate(
         "split": recipe.data.eval_split,
         "examples": len(rows),
         "primary_metric": names[0],
-        "metrics": metrics.compute_metrics(names, logits, targets, labels.problem_type),
+        "metrics": metrics.compute_metrics(names, logits, targets, labels.problem_type, labels.thresholds),
         "overrides": list(overrides),
         "data": recipe.data.model_dump(include={"source", "config", "files"}),
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if labels.names is not None:
+    if labels.multi_label:
+        assert labels.names is not None
+        result["thresholds"] = dict(zip(labels.names, labels.decide_thresholds(), strict=True))
+        result.update(_per_label(targets > 0.5, labels.decide(metrics.sigmoid(logits)), labels.names))
+    elif labels.names is not None:
         result.update(_per_label(targets, logits.argmax(-1), labels.names))
     path = Path(output) if output else _default_output(target, recipe.data.eval_split)
     if path is not None:
         import json
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        if labels.names is not None:  # beside the JSON: eval-validation.png
+        if "confusion_matrix" in result:  # beside the JSON: eval-validation.png
             result["confusion_matrix_plot"] = str(_plot_confusion(result["confusion_matrix"], path.with_suffix(".png")))
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         result["written_to"] = str(path)
@@ -76,15 +80,19 @@ def evaluate(
 
 
 def _per_label(targets: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
-    """The confusion matrix, each label's precision, recall, F1 and support, and their unweighted (macro) means:
-    what accuracy hides when the classes are skewed."""
+    """Each label's precision, recall, F1 and support, and their unweighted (macro) means: what accuracy hides
+    when the classes are skewed. Single-label (ids): the confusion matrix too; multi-label (0/1 matrices): the
+    support is the examples that have the label."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     ids = list(range(len(names)))
-    matrix = confusion_matrix(targets, predicted, labels=ids)
     precision, recall, f1, support = precision_recall_fscore_support(targets, predicted, labels=ids, zero_division=0)
+    confusion = {}
+    if targets.ndim == 1:
+        matrix = confusion_matrix(targets, predicted, labels=ids)
+        confusion = {"confusion_matrix": {"labels": list(names), "rows_true_columns_predicted": matrix.tolist()}}
     return {
-        "confusion_matrix": {"labels": list(names), "rows_true_columns_predicted": matrix.tolist()},
+        **confusion,
         "per_label": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
             for name, p, r, f, n in zip(names, precision, recall, f1, support, strict=True)
@@ -126,9 +134,13 @@ def format_result(result: dict[str, Any]) -> str:
         lines += ["", "".join(h.rjust(cell if i == 0 else 11) for i, h in enumerate(
             ("label", "precision", "recall", "f1", "support")))]  # fmt: skip
         rows = [*per_label.items(), ("macro", {**result["macro"], "support": result["examples"]})]
+        if result.get("thresholds"):
+            lines[-1] += "  threshold"
+            rows = [(n, {**s, "threshold": result["thresholds"].get(n)}) for n, s in rows]
         for name, s in rows:
+            threshold = f"  {s['threshold']:9g}" if s.get("threshold") is not None else ""
             lines.append(name.rjust(cell) + "".join(f"{s[k]:11.4f}" for k in ("precision", "recall", "f1"))
-                         + f"{s['support']:11d}")  # fmt: skip
+                         + f"{s['support']:11d}" + threshold)  # fmt: skip
     confusion = result.get("confusion_matrix")
     if confusion:
         names = confusion["labels"]

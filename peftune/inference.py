@@ -181,7 +181,8 @@ def pushed_run(repo_id: str) -> Path | None:
 def _labels_of(config: Any) -> Labels:
     if config.problem_type == "regression" or config.num_labels == 1:
         return Labels(names=None)
-    return Labels(names=tuple(config.id2label[i] for i in range(config.num_labels)))
+    names = tuple(config.id2label[i] for i in range(config.num_labels))
+    return Labels(names=names, multi_label=config.problem_type == "multi_label_classification")
 
 
 class OnnxClassifier:
@@ -231,15 +232,21 @@ def batched_logits(
 ) -> np.ndarray:
     """Logits for every text (or text pair), batched by length so that little padding is computed.
 
-    `say_cut`: warn, in one line, how many texts were longer than the model reads (they are cut to it).
+    A run trained with `data.long_text=chunk` reads each text in windows as it trained, and a text's logits are
+    its windows' pooled. `say_cut`: otherwise warn, in one line, how many texts were longer than the model reads
+    (they are cut to it).
     """
     import torch
     from tqdm.auto import tqdm
 
     model, tokenizer = loaded.model, loaded.tokenizer
     max_length = input_length(loaded)
-    encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
-    if say_cut:
+    spec = loaded.recipe.data if loaded.recipe is not None else None
+    stride = spec.window_stride if spec is not None else None
+    if not texts:
+        return np.empty((0, loaded.labels.num_labels), dtype=np.float32)
+    encoded, rows = data.encode_texts(tokenizer, texts, pairs, max_length, stride)
+    if say_cut and stride is None:
         data.say_cut(sum(data.were_cut(encoded, max_length)), len(texts), "texts", max_length,
                      "the model was trained on that length: a longer one needs a run trained with a larger "
                      "data.max_length")  # fmt: skip
@@ -258,7 +265,10 @@ def batched_logits(
         if out is None:
             out = np.empty((len(order), logits.shape[-1]), dtype=np.float32)
         out[index] = logits
-    return out if out is not None else np.empty((0, loaded.labels.num_labels), dtype=np.float32)
+    assert out is not None
+    if spec is not None and stride is not None:
+        return data.pool_windows(out, rows, len(texts), spec.window_pooling)
+    return out
 
 
 def input_length(loaded: LoadedModel) -> int:

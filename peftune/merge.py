@@ -20,6 +20,7 @@ from peftune.data import Labels
 from peftune.errors import PeftuneError
 from peftune.inference import LoadedModel, batched_logits, load_target, resolve_target
 from peftune.methods import METHODS
+from peftune.metrics import sigmoid
 from peftune.modeling import load_base_model
 from peftune.recipe import Recipe, load_recipe
 from peftune.record import MergeCheck, MergeRecord
@@ -154,7 +155,10 @@ def judge(expected: np.ndarray, got: np.ndarray, labels: Labels, exact: bool) ->
         bound = MAX_LOGIT_DIFFERENCE if exact else MAX_REGRESSION_DIFFERENCE
         return MergeCheck(samples=len(expected), max_abs_logit_difference=difference,
                           tolerance={"max_abs_logit_difference": bound}, passed=difference <= bound)  # fmt: skip
-    agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
+    if labels.multi_label:  # the same set of labels over each row's thresholds
+        agreement = float((labels.decide(sigmoid(expected)) == labels.decide(sigmoid(got))).all(-1).mean())
+    else:
+        agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
     if exact:
         tolerance, passed = {"max_abs_logit_difference": MAX_LOGIT_DIFFERENCE}, difference <= MAX_LOGIT_DIFFERENCE
     else:
@@ -192,7 +196,15 @@ def describe(check: MergeCheck) -> str:
 
 def _readme(recipe: Recipe, labels: Labels, record: MergeRecord) -> str:
     names = ", ".join(labels.names) if labels.names else "a regression score"
+    if labels.multi_label:
+        names += " (multi-label: any number per text; thresholds in labels.json)"
     note = f"\n{pooling.USAGE_NOTE}\n" if recipe.model.pooling == "mean" else ""
+    call = (
+        'classifier("A sentence to classify.", top_k=None)'
+        if labels.multi_label
+        else 'classifier("A sentence to classify.")'
+    )
+
     return f"""# {recipe.name} (merged)
 
 A standalone text classifier: the {recipe.method} adapter of peftune run `{recipe.name}` folded into
@@ -205,7 +217,7 @@ A standalone text classifier: the {recipe.method} adapter of peftune run `{recip
 from transformers import pipeline
 
 classifier = pipeline("text-classification", model="path/to/this/folder")
-print(classifier("A sentence to classify."))
+print({call})
 ```
 {note}
 `recipe.yaml` is the training recipe, `merge.json` the record of this merge.

@@ -75,28 +75,88 @@ REGRESSION: dict[str, tuple[Callable[..., float], bool]] = {
     "mse": (lambda pred, true: float(np.mean((pred - true) ** 2)), False),
     "mae": (lambda pred, true: float(np.mean(np.abs(pred - true))), False),
 }
-BUILTIN = {**CLASSIFICATION, **REGRESSION}
-LOWER_IS_BETTER = {"mse", "mae", "loss"}
+
+
+def _multi(which: str, average: str) -> Callable[..., float]:
+    def score(pred: np.ndarray, true: np.ndarray) -> float:
+        from sklearn import metrics as sk
+
+        return float(getattr(sk, f"{which}_score")(true, pred, average=average, zero_division=0))
+
+    return score
+
+
+# Multi-label (0/1 matrices, a row per example, a column per label): accuracy is subset accuracy (every label of
+# the row right), f1, precision and recall are micro averages (over every label decision).
+MULTI_LABEL: dict[str, tuple[Callable[..., float], bool]] = {
+    "accuracy": (lambda pred, true: float((pred == true).all(axis=1).mean()), False),
+    "f1": (_multi("f1", "micro"), False),
+    "f1_micro": (_multi("f1", "micro"), False),
+    "f1_macro": (_multi("f1", "macro"), False),
+    "f1_weighted": (_multi("f1", "weighted"), False),
+    "precision": (_multi("precision", "micro"), False),
+    "recall": (_multi("recall", "micro"), False),
+    "hamming_loss": (lambda pred, true: float((pred != true).mean()), False),
+}
+BUILTIN = {**CLASSIFICATION, **REGRESSION, **MULTI_LABEL}
+LOWER_IS_BETTER = {"mse", "mae", "loss", "hamming_loss"}
+FITTING = {"classification": CLASSIFICATION, "multi_label": MULTI_LABEL, "regression": REGRESSION}
 
 
 def default_metrics(problem_type: str) -> list[str]:
     """The metrics a recipe gets when it names none."""
-    return ["pearson", "spearmanr"] if problem_type == "regression" else ["accuracy", "f1"]
+    return {"regression": ["pearson", "spearmanr"], "multi_label": ["f1_micro", "f1_macro", "accuracy"]}.get(
+        problem_type, ["accuracy", "f1"]
+    )
 
 
 def check_metrics(names: Sequence[str], problem_type: str) -> None:
     """Refuse metrics that do not fit the problem type, before any training starts."""
-    wrong = REGRESSION if problem_type == "classification" else CLASSIFICATION
+    fits = FITTING[problem_type]
     for name in names:
-        if name in wrong:
-            fits = ", ".join(CLASSIFICATION if problem_type == "classification" else REGRESSION)
-            raise PeftuneError(f"metric {name!r} does not apply to {problem_type}; use one of: {fits}")
+        if name in BUILTIN and name not in fits:
+            raise PeftuneError(f"metric {name!r} does not apply to {problem_type}; use one of: {', '.join(fits)}")
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Multi-label scores: each label's probability on its own."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def tune_thresholds(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Each label's threshold on its sigmoid score with the best F1 on these examples (0.05 to 0.95 by 0.05;
+    of equal ones, the nearest to 0.5). A label no example has keeps 0.5."""
+    from sklearn.metrics import f1_score
+
+    scores, true = sigmoid(logits), np.asarray(labels) > 0.5
+    grid = sorted(np.round(np.arange(0.05, 0.96, 0.05), 2), key=lambda t: abs(t - 0.5))
+    chosen = []
+    for j in range(true.shape[1]):
+        if not true[:, j].any():
+            chosen.append(0.5)
+            continue
+        f1 = [f1_score(true[:, j], scores[:, j] >= t, zero_division=0) for t in grid]
+        chosen.append(float(grid[int(np.argmax(f1))]))  # argmax: the first best, the nearest to 0.5
+    return chosen
 
 
 def compute_metrics(
-    names: Sequence[str], logits: np.ndarray, labels: np.ndarray, problem_type: str
-) -> dict[str, float]:
-    """Compute the named metrics from model logits and the true labels."""
+    names: Sequence[str], logits: np.ndarray, labels: np.ndarray, problem_type: str,
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Compute the named metrics from model logits and the true labels (multi-label: at `thresholds`, 0.5 when
+    none are given)."""
+    if problem_type == "multi_label":
+        hot = np.asarray(labels) > 0.5
+        decided = sigmoid(logits) >= np.asarray(thresholds if thresholds is not None else 0.5)
+        results = {}
+        for name in names:
+            if name not in MULTI_LABEL:
+                raise PeftuneError(
+                    f"metric {name!r} does not apply to multi_label; use one of: {', '.join(MULTI_LABEL)}"
+                )
+            results[name] = MULTI_LABEL[name][0](decided, hot)
+        return results
     if problem_type == "regression":
         pred = np.asarray(logits, dtype=np.float64).reshape(-1)
         true = np.asarray(labels, dtype=np.float64).reshape(-1)
@@ -106,23 +166,43 @@ def compute_metrics(
         true = np.asarray(labels).reshape(-1)
         num_labels = np.asarray(logits).shape[-1]
     results = {}
+    table = FITTING[problem_type]
     for name in names:
         if name in BUILTIN:
-            fn, wants_labels = BUILTIN[name]
+            check_metrics([name], problem_type)
+            fn, wants_labels = table[name]
             results[name] = fn(pred, true, num_labels) if wants_labels else fn(pred, true)
         else:
             results.update(_evaluate_module(name).compute(predictions=pred, references=true))
     return results
 
 
-def trainer_metrics(names: Sequence[str], problem_type: str) -> Callable[[Any], dict[str, float]]:
-    """A `compute_metrics` callable for `transformers.Trainer`."""
+def trainer_metrics(
+    names: Sequence[str], problem_type: str, thresholds: Sequence[float] | None = None,
+    documents: Sequence[int] | None = None, pooling: str = "mean",
+) -> Callable[[Any], dict[str, float]]:  # fmt: skip
+    """A `compute_metrics` callable for `transformers.Trainer`. With `documents` (the text each eval row, a window
+    of it, comes from), the windows' logits are pooled first: the metrics count texts, not windows."""
 
     def compute(prediction: Any) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return compute_metrics(names, logits, prediction.label_ids, problem_type)
+        logits, labels = per_text(logits, prediction.label_ids, documents, pooling)
+        return compute_metrics(names, logits, labels, problem_type, thresholds)
 
     return compute
+
+
+def per_text(
+    logits: np.ndarray, labels: np.ndarray, documents: Sequence[int] | None, pooling: str = "mean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels one row per text: windows pooled (`documents[i]`: row i's text), else as they are."""
+    if documents is None:
+        return logits, labels
+    from peftune.data import pool_windows
+
+    texts, first = np.unique(np.asarray(documents), return_index=True)
+    index = np.searchsorted(texts, documents)  # texts numbered 0..n-1 in the order of their ids
+    return pool_windows(logits, index, len(texts), pooling), np.asarray(labels)[first]
 
 
 def _evaluate_module(name: str) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftune import pooling
-from peftune.data import Labels
+from peftune.data import HF_PROBLEM_TYPES, Labels
 from peftune.errors import PeftuneError, first_line
 from peftune.methods import METHODS
 from peftune.recipe import PACKAGE_SCHEME, ModelSpec, Recipe, local_path
@@ -188,7 +188,7 @@ def load_base_model(
             num_labels=labels.num_labels,
             id2label=labels.id2label,
             label2id=labels.label2id,
-            problem_type="regression" if labels.problem_type == "regression" else "single_label_classification",
+            problem_type=HF_PROBLEM_TYPES[labels.problem_type],
             # A checkpoint that is already a classifier with another label count gets a fresh head.
             ignore_mismatched_sizes=True,
             quantization_config=quantization,

@@ -14,6 +14,7 @@ import numpy as np
 from peftune.data import Labels, read_table
 from peftune.errors import PeftuneError
 from peftune.inference import LoadedModel, batched_logits, load_target
+from peftune.metrics import sigmoid
 from peftune.recipe import Recipe, load_recipe
 from peftune.rundir import RECIPE_FILE, staged
 
@@ -23,9 +24,21 @@ OUTPUT_FORMATS = (".csv", ".tsv", ".jsonl")
 
 
 def to_predictions(logits: np.ndarray, labels: Labels, probabilities: bool = False) -> list[dict[str, Any]]:
-    """One record per row: the label and its probability, or the score for regression."""
+    """One record per row: the label and its probability, or the score for regression; multi-label, every label
+    whose score reaches its threshold, with those scores (best first)."""
     if labels.names is None:
         return [{"score": float(value)} for value in logits.reshape(-1)]
+    if labels.multi_label:
+        scores = sigmoid(logits)
+        records = []
+        for row, chosen in zip(scores, labels.decide(scores), strict=True):
+            picked = sorted(np.flatnonzero(chosen), key=lambda i: -row[i])
+            found: dict[str, Any] = {"labels": [labels.names[i] for i in picked],
+                                     "scores": [float(row[i]) for i in picked]}  # fmt: skip
+            if probabilities:
+                found["probabilities"] = {name: float(p) for name, p in zip(labels.names, row, strict=True)}
+            records.append(found)
+        return records
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs = shifted / shifted.sum(axis=-1, keepdims=True)
     records = []
@@ -116,6 +129,8 @@ def _write(path: Path, suffix: str, rows: list[dict], records: list[dict]) -> No
     flat = []
     for row, record in zip(rows, records, strict=True):
         probs = record.pop("probabilities", None)
+        if "labels" in record:  # multi-label in one cell each: names and scores joined by "|", in the same order
+            record = {"labels": "|".join(record["labels"]), "scores": "|".join(f"{v:.6f}" for v in record["scores"])}
         flat.append({**row, **record, **({f"p_{k}": v for k, v in probs.items()} if probs else {})})
     delimiter = "\t" if suffix == ".tsv" else ","
     with open(path, "w", newline="", encoding="utf-8") as f:

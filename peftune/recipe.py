@@ -129,8 +129,19 @@ class DataSpec(_Strict):
     text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1, max_length=2)
     label_column: str = "label"
     labels: list[str] | None = None
-    problem_type: Literal["classification", "regression"] | None = None
+    # multi_label: each row has any number of the labels (a list per row, or one string split at
+    # label_separator), trained with a sigmoid per label; a label is predicted when its score passes its threshold.
+    problem_type: Literal["classification", "multi_label", "regression"] | None = None
+    label_separator: str | None = Field(None, min_length=1)
+    # multi_label: one threshold for every label, one per label (in label order), or tune: each label's threshold
+    # chosen for its best F1 on the eval split after training (saved with the run in labels.json).
+    thresholds: float | list[float] | Literal["tune"] = 0.5
     max_length: int = Field(128, gt=0)
+    # Texts longer than max_length: cut to it (truncate), or split into overlapping windows of max_length tokens
+    # (chunk) that train with the text's label and whose logits are pooled into one prediction per text.
+    long_text: Literal["truncate", "chunk"] = "truncate"
+    stride: int | None = Field(None, gt=0)  # tokens consecutive windows share; None: a quarter of max_length
+    window_pooling: Literal["mean", "max"] = "mean"
     # Training batches of similar-length examples in random order (less padding); false: plain random batches.
     bucket_by_length: bool = True
     max_train_samples: int | None = Field(None, gt=0)
@@ -148,6 +159,35 @@ class DataSpec(_Strict):
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("data.labels has duplicates; list each label name once")
         return self
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> DataSpec:
+        if self.long_text == "chunk" and len(self.text_columns) == 2:
+            raise ValueError(
+                "data.long_text=chunk splits single texts into windows, and this recipe reads sentence pairs; "
+                "set data.long_text=truncate"
+            )
+        if self.stride is not None and self.stride >= self.max_length:
+            raise ValueError(
+                f"data.stride ({self.stride}) is the tokens consecutive windows share and must be smaller than the "
+                f"window, data.max_length ({self.max_length}); try data.stride={self.max_length // 4}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _thresholds_are_probabilities(self) -> DataSpec:
+        values = [] if self.thresholds == "tune" else self.thresholds
+        for value in values if isinstance(values, list) else [values]:
+            if not 0 < value < 1:
+                raise ValueError(f"data.thresholds are probabilities between 0 and 1 (or tune), got {value!r}")
+        return self
+
+    @property
+    def window_stride(self) -> int | None:
+        """Tokens consecutive windows share when long texts are chunked; None when they are cut."""
+        if self.long_text != "chunk":
+            return None
+        return self.stride if self.stride is not None else self.max_length // 4
 
 
 class _Run(_Strict):
@@ -410,6 +450,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise PeftuneError(f"override {item!r} is not key=value; write it like train.num_train_epochs=1")
     value = parse_yaml(text, f"the value of override {key}") if text.strip() else None
+    if value == "" and text.strip() in ("|", ">"):  # YAML reads a lone | or > as an empty block: the character
+        value = text.strip()
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):

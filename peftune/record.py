@@ -40,8 +40,12 @@ class Metrics:
     fresh_modules: list[str] = field(default_factory=list)  # new in the model, trained in full
     learning_rate: float | None = None
     class_weights: list[float] | None = None  # train.class_weights, one per label; None: unweighted loss
-    train_samples: int
+    thresholds: dict[str, float] | None = None  # multi-label: each label's threshold on its sigmoid score
+    thresholds_tuned_on: str | None = None  # the split data.thresholds=tune chose them on (None: as the recipe set)
+    train_samples: int  # texts (with data.long_text=chunk, the windows are train_windows)
     eval_samples: int
+    train_windows: int | None = None
+    eval_windows: int | None = None
     global_steps: int | None = None
     world_size: int | None = None
     resumed_from_step: int | None = None
@@ -49,7 +53,7 @@ class Metrics:
     tokenize_s: float | None = None
     train_runtime_s: float
     eval_during_training_s: float | None = None
-    train_samples_per_second: float | None = None  # the evaluations during training left out
+    train_samples_per_second: float | None = None  # rows (windows when chunked); the evaluations left out
     train_tokens_per_second: float | None = None  # non-padding tokens
     train_loss: float | None = None
     peak_memory_mb: float | None = None

@@ -95,6 +95,8 @@ def train(
     if main_process:
         _start_folder(run, recipe, checkpoint, overwrite)
     done = fit_model(run, recipe, prepared, built, checkpoint, callbacks)
+    if recipe.data.thresholds == "tune" and prepared.labels.multi_label:
+        _tune_thresholds(recipe, prepared, done)
     # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all of them first.
     weights = run.weights_dir(METHODS[recipe.method].is_adapter)
     done.trainer.save_model(str(weights))  # the model and tokenizer Trainer trained, best checkpoint loaded into it
@@ -119,6 +121,8 @@ class Prepared:
     train_lengths: list[int]  # tokens per training example: length buckets and tokens/s
     tokenize_seconds: float
     class_weights: list[float] | None  # train.class_weights resolved, one per label; None: unweighted loss
+    eval_documents: list[int] | None = None  # chunked long texts: the eval text each eval row (a window) is of
+    texts: tuple[int, int] | None = None  # chunked long texts: train and eval texts (the sets hold windows)
 
 
 @dataclass
@@ -179,12 +183,16 @@ def prepare_data(recipe: Recipe) -> Prepared:
     )  # fmt: skip
     eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
     eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))
+    documents, texts = None, None
+    if data.DOCUMENT in eval_set.column_names:  # chunked: metrics pool each text's windows
+        documents, texts = list(eval_set[data.DOCUMENT]), (len(train_raw), len(eval_raw))
+        train_set, eval_set = train_set.remove_columns(data.DOCUMENT), eval_set.remove_columns(data.DOCUMENT)
     train_lengths = [len(ids) for ids in train_set["input_ids"]]
-    train_labels = train_set["labels"]
+    train_labels = list(train_set["labels"])
     weights = losses.class_weights(recipe.train.get("class_weights"), labels, train_labels)
     losses.warn_if_skewed(labels, train_labels, weighted=weights is not None)
     return Prepared(tokenizer, labels, metric_names, eval_raw, train_set, eval_set, train_lengths, tokenize_seconds,
-                    weights)  # fmt: skip
+                    weights, documents, texts)  # fmt: skip
 
 
 def build_model(recipe: Recipe, labels: Labels) -> Built:
@@ -256,9 +264,12 @@ def fit_model(
         optimizer=METHODS[recipe.method].optimizer(built.model, recipe.method_block, args.learning_rate,
                                                    args.weight_decay),
         train_set=prepared.train_set, eval_set=prepared.eval_set, tokenizer=prepared.tokenizer,
-        compute_metrics=metrics.trainer_metrics(prepared.metric_names, prepared.labels.problem_type),
+        compute_metrics=metrics.trainer_metrics(
+            prepared.metric_names, prepared.labels.problem_type, prepared.labels.thresholds,
+            prepared.eval_documents, recipe.data.window_pooling),
         callbacks=callbacks, seconds_before=before,
-        compute_loss=losses.weighted_loss(prepared.class_weights) if prepared.class_weights else None,
+        compute_loss=losses.weighted_loss(prepared.class_weights, prepared.labels.multi_label)
+        if prepared.class_weights else None,
     )  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -290,6 +301,22 @@ def fit_model(
     )
 
 
+def _tune_thresholds(recipe: Recipe, prepared: Prepared, done: Done) -> None:
+    """`data.thresholds=tune`: each label's threshold chosen for its best F1 on the eval split, kept in the run's
+    labels, and the final metrics computed again at them (on the split they were chosen on: optimistic)."""
+    import dataclasses
+
+    output = done.trainer.predict(prepared.eval_set)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    logits, targets = metrics.per_text(logits, output.label_ids, prepared.eval_documents, recipe.data.window_pooling)
+    chosen = metrics.tune_thresholds(logits, targets)
+    prepared.labels = dataclasses.replace(prepared.labels, thresholds=tuple(chosen))
+    done.eval.update(metrics.compute_metrics(prepared.metric_names, logits, targets, "multi_label", chosen))
+    assert prepared.labels.names is not None
+    log.info("thresholds tuned on %r: %s", recipe.data.eval_split,
+             ", ".join(f"{n} {t:g}" for n, t in zip(prepared.labels.names, chosen, strict=True)))  # fmt: skip
+
+
 def _record(
     recipe: Recipe, overrides: Sequence[str], fitted: dict[str, Any] | None, prepared: Prepared, built: Built,
     done: Done, weights: Path,
@@ -297,7 +324,7 @@ def _record(
     """metrics.json: what the run is, how well it did, what it cost."""
     import torch
 
-    state, args, model = done.trainer.state, done.trainer.args, built.model
+    state, args, model, labels = done.trainer.state, done.trainer.args, built.model, prepared.labels
     primary = prepared.metric_names[0]
     step_seconds = max(done.train_seconds - done.eval_seconds, 1e-9)
     epochs = state.epoch or 0
@@ -324,8 +351,12 @@ def _record(
         fresh_modules=built.fresh,
         learning_rate=recipe.learning_rate,
         class_weights=prepared.class_weights,
-        train_samples=len(prepared.train_set),
-        eval_samples=len(prepared.eval_set),
+        thresholds=dict(zip(labels.names or (), labels.thresholds or (), strict=True)) if labels.multi_label else None,
+        thresholds_tuned_on=recipe.data.eval_split if labels.multi_label and recipe.data.thresholds == "tune" else None,
+        train_samples=prepared.texts[0] if prepared.texts else len(prepared.train_set),
+        eval_samples=prepared.texts[1] if prepared.texts else len(prepared.eval_set),
+        train_windows=len(prepared.train_set) if prepared.texts else None,
+        eval_windows=len(prepared.eval_set) if prepared.texts else None,
         global_steps=state.global_step,
         world_size=args.world_size,
         resumed_from_step=trainer.step_of(done.resumed_from) if done.resumed_from else None,

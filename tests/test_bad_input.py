@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -48,7 +49,17 @@ def world(tmp_path_factory, tiny_models, reviews, runs) -> World:
     (root / "broken.yaml").write_text("model: [a, b\n")
     (root / "dup.yaml").write_text("seed: 1\nseed: 2\n")
     (root / "list.yaml").write_text("- a\n- b\n")
+    rows = [("Charged twice.", ["billing"]), ("Late box, no refund.", ["delivery", "returns"])] * 4
+    (root / "topics.jsonl").write_text("".join(json.dumps({"text": t, "topics": names}) + "\n" for t, names in rows))
+    (root / "topics.csv").write_text("text,topics\n" + "".join(f'"{t}",{"|".join(names)}\n' for t, names in rows))
     return World(root, str(recipe), runs)
+
+
+def topics(world: World, suffix: str, *args: str) -> list[str]:
+    """A multi-label run over the topics file (both splits)."""
+    file = world.file(f"topics.{suffix}")
+    return train(world, f"data.files.train={file}", f"data.files.validation={file}", "data.label_column=topics",
+                 "data.problem_type=multi_label", *args)  # fmt: skip
 
 
 def train(world: World, *args: str) -> list[str]:
@@ -100,6 +111,39 @@ CASES: dict[str, Case] = {
             "train.load_best_model_at_end=true",
         ),
         "cannot keep the best checkpoint: with prefix.prefix_projection=true",
+    ),
+    "multi-label column with an unknown label": (
+        lambda w: topics(w, "jsonl", "data.labels=[billing, delivery]"),
+        "label 'returns' in column 'topics' is not in data.labels ['billing', 'delivery']",
+    ),
+    "multi-label string column without a separator": (
+        lambda w: topics(w, "csv"),
+        "column 'topics' holds one string per row: set data.label_separator",
+    ),
+    "multi-label thresholds of the wrong length": (
+        lambda w: topics(w, "jsonl", "data.thresholds=[0.5, 0.4]"),
+        "data.thresholds has 2 values but the data has 3 labels (billing, delivery, returns)",
+    ),
+    "threshold out of range": (lambda w: ["validate", w.recipe, "data.thresholds=1.5"], "between 0 and 1"),
+    "multi-label class weights of the wrong length": (
+        lambda w: topics(w, "csv", "data.label_separator=|", "train.class_weights=[1, 2]"),
+        "train.class_weights has 2 weights but the data has 3 labels",
+    ),
+    "a single-label metric for multi-label": (
+        lambda w: topics(w, "jsonl", "metrics=[matthews_correlation]"),
+        "metric 'matthews_correlation' does not apply to multi_label",
+    ),
+    "stride not smaller than the window": (
+        lambda w: ["validate", w.recipe, "data.long_text=chunk", "data.stride=32"],
+        "data.stride (32) is the tokens consecutive windows share and must be smaller than the window",
+    ),
+    "stride that leaves no room for text": (
+        lambda w: train(w, "data.long_text=chunk", "data.stride=31"),
+        "data.stride (31) leaves no new tokens in a window of 32 tokens",
+    ),
+    "chunked sentence pairs": (
+        lambda w: ["validate", w.recipe, "data.long_text=chunk", "data.text_columns=[a, b]"],
+        "data.long_text=chunk splits single texts into windows",
     ),
     "class weights of the wrong length": (
         lambda w: train(w, "train.class_weights=[1.0, 2.0, 3.0]"),
