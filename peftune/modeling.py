@@ -176,6 +176,8 @@ def load_base_model(
 
     quantization, device_map = None, None
     if spec.quantized:
+        if spec.quantization == "8bit":
+            int8_keeps_only_what_backward_needs()
         skip = kept_in_full_precision(spec, load_config(spec))
         quantization = quantization_config(spec.quantization, skip, compute_dtype)
         device_map = {"": process_device()}
@@ -215,6 +217,35 @@ def load_base_model(
         _no_cpu_packing(model)
     pooling.apply(model, spec.pooling)
     return model, fresh
+
+
+def int8_keeps_only_what_backward_needs() -> None:
+    """Make bitsandbytes' int8 matmuls keep a layer's input for the backward pass only when its weight trains.
+
+    On a frozen int8 layer (an adapter's base) backward needs the weight alone (grad_input = grad_output @ W), but
+    bitsandbytes 0.50's autograd functions keep the input, and on the GPU its int8 copies, whether or not a weight
+    gradient is wanted: every quantized layer's input then stays alive until backward reaches it, and LoRA on an
+    8-bit base peaked above full fine-tuning of the float model (reports/plan.md). The forward is wrapped to drop
+    those references when the weight gets no gradient; backward reads them only for the weight's gradient.
+    Idempotent; a bitsandbytes without these functions is left as it is.
+    """
+    try:
+        from bitsandbytes.autograd import _functions as functions
+    except ImportError:
+        return
+    for name, field in (("MatMul8bitFp", "A"), ("MatMul8bitLt", "tensors")):
+        function = getattr(functions, name, None)
+        if function is None or hasattr(function.forward, "peftune_original"):
+            continue
+
+        def forward(ctx: Any, *args: Any, _original: Any = function.forward, _field: str = field) -> Any:
+            output = _original(ctx, *args)
+            if not ctx.needs_input_grad[1] and hasattr(ctx, _field):  # the weight (B) gets no gradient
+                setattr(ctx, _field, None if _field == "A" else (None, None, None))
+            return output
+
+        forward.peftune_original = function.forward  # type: ignore[attr-defined]
+        function.forward = staticmethod(forward)
 
 
 def quantization_config(kind: str, skip: list[str], compute_dtype: str = "float32") -> Any:

@@ -21,7 +21,6 @@ Labels are taken from `data.labels` (two classes when the recipe does not list t
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,8 +121,8 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     kind = recipe.model.quantization
     kept = modeling.head_modules(model, fresh)  # loaded in full precision on a quantized base
     linear_weights = _quantized_linear_bytes(model, kept, kind) if recipe.model.quantized else None
-    # int8 matmuls keep their input for the backward pass; NF4 ones keep only the weight.
-    quantized = _quantized_linears(model, kept) if kind == "8bit" else []
+    # Quantized layers keep no input for backward (peftune frees what bitsandbytes' int8 matmuls kept, see
+    # modeling.int8_keeps_only_what_backward_needs): their activations are counted as a float base's.
     attached = modeling.attach_method(model, _unquantized(recipe), fresh)
     trainable = sum(p.numel() for p in attached.parameters() if p.requires_grad)
     weights = sum(p.numel() * 4 for p in attached.parameters())
@@ -132,7 +131,7 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
         weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their quantized form
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = recipe.data.max_length
-    activations, layer_inputs, layers = _traced_activations(attached, config, batch, length, quantized)
+    activations, layer_inputs, layers = _traced_activations(attached, config, batch, length)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
     return Estimate(recipe.method + (f"-{kind}" if recipe.model.quantized else ""), batch, length, weights,
                     trainable * 4, trainable * 8, activations, checkpointed, trainable,
@@ -259,18 +258,11 @@ def _quantized_linear_bytes(model: Any, kept: list[str], kind: str = "8bit") -> 
     return fp32, sum(-(-n // 2) + -(-n // 64) + 4 * -(-n // (64 * 256)) for n in sizes)
 
 
-def _traced_activations(
-    model: Any, config: Any, batch: int, length: int, quantized: Sequence[Any] = ()
-) -> tuple[int, int, int]:
-    """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers.
-
-    `quantized` are the linear layers loaded as bitsandbytes int8: its autograd function keeps each one's input
-    for the backward pass (outside autograd's saved tensors), so those inputs count too, once each.
-    """
+def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tuple[int, int, int]:
+    """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers."""
     import torch
 
     saved: dict[int, int] = {}
-    kept: dict[int, torch.Tensor] = {}  # referenced, so that no id is reused while tracing
     parameters = {id(p) for p in model.parameters()}  # weights saved for backward are counted as weights
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -278,10 +270,6 @@ def _traced_activations(
             saved[id(tensor)] = tensor.numel() * tensor.element_size()
         return tensor
 
-    def keep_input(module: Any, args: tuple) -> None:
-        kept[id(args[0])] = args[0]
-
-    hooks = [module.register_forward_pre_hook(keep_input) for module in quantized]
     model.train()
     ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
     labels = torch.zeros((batch,), dtype=torch.float if config.num_labels == 1 else torch.long, device="meta")
@@ -293,12 +281,6 @@ def _traced_activations(
             f"cannot trace {config.model_type} on the meta device to estimate its activations ({err}); "
             "the plan covers encoder classifiers such as BERT, RoBERTa, DistilBERT and DeBERTa"
         ) from None
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for key, tensor in kept.items():
-        if key not in saved and (tensor._base is None or id(tensor._base) not in saved):
-            saved[key] = tensor.numel() * tensor.element_size()
     layers = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)) or 0)
     hidden = int(getattr(config, "hidden_size", getattr(config, "dim", 0)) or 0)
     return sum(saved.values()), layers * batch * length * hidden * 4, layers

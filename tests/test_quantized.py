@@ -184,3 +184,48 @@ def test_four_bit_with_gradient_checkpointing(tmp_path, tiny_bert, reviews, meth
     )
     assert recorder.moved
     assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-4
+
+
+def test_a_frozen_int8_layer_keeps_no_input_for_backward_and_gives_the_same_gradient(monkeypatch):
+    """bitsandbytes keeps each int8 layer's input until backward even when its weight is frozen; peftune's wrap
+    drops it (only the weight is needed then). The input's gradient is the same, and a trained weight still
+    gets its own."""
+    import gc
+    import weakref
+
+    from peftune.modeling import int8_keeps_only_what_backward_needs
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False, threshold=0.0)
+    layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    layer = layer.to("cpu")  # quantized on placement, as transformers loads it
+    layer.train()
+    weight = layer.weight.CB.float() * layer.weight.SCB.unsqueeze(1) / 127.0  # what the int8 layer multiplies by
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def run() -> tuple[bool, torch.Tensor]:
+        hidden = x * 2.0  # a layer's input made in the forward pass, held by nothing else
+        alive = weakref.ref(hidden)
+        out = layer(hidden)
+        del hidden
+        gc.collect()
+        kept = alive() is not None
+        out.pow(2).sum().backward()
+        grad = x.grad.clone()
+        x.grad = None
+        return kept, grad
+
+    from bitsandbytes.autograd._functions import MatMul8bitFp
+
+    int8_keeps_only_what_backward_needs()
+    int8_keeps_only_what_backward_needs()  # a second call wraps nothing twice
+    wrapped = MatMul8bitFp.forward
+    assert not hasattr(wrapped.peftune_original, "peftune_original")
+    with monkeypatch.context() as patch:  # bitsandbytes as it comes
+        patch.setattr(MatMul8bitFp, "forward", staticmethod(wrapped.peftune_original))
+        kept_before, grad_before = run()
+    kept_after, grad_after = run()
+    assert kept_before and not kept_after
+    expected_out = (x.detach() * 2.0) @ weight.t() + layer.bias.detach()
+    assert torch.allclose(grad_after, 2.0 * (2.0 * expected_out) @ weight, atol=1e-3)
+    assert torch.allclose(grad_after, grad_before)
