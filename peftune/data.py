@@ -174,6 +174,10 @@ def infer_labels(spec: DataSpec, train: Dataset, evaluation: Dataset) -> Labels:
     )
     if problem_type == "multi_label":
         return _multi_labels(spec, feature, train, evaluation)
+    for key, value, default in (("thresholds", spec.thresholds, 0.5), ("label_separator", spec.label_separator, None)):
+        if value != default:
+            raise PeftuneError(f"data.{key} applies to multi-label data, and this is {problem_type}; drop it, or set "
+                               "data.problem_type: multi_label")  # fmt: skip
     if is_list:
         raise PeftuneError(
             f"column {spec.label_column!r} holds a list of labels per row; set data.problem_type: multi_label"
@@ -338,7 +342,9 @@ def tokenize(split: Dataset, tokenizer: Any, spec: DataSpec, labels: Labels, spl
     tokenized = split.map(encode, batched=True, with_indices=True, remove_columns=split.column_names,
                           desc=f"Tokenizing {split_name}")  # fmt: skip
     if stride is None:
-        say_cut(sum(tokenized[_CUT]), len(tokenized), f"{split_name} texts", spec.max_length)
+        whole = "" if len(columns) == 2 else ", or read them whole with data.long_text=chunk"  # pairs cannot be chunked
+        say_cut(sum(tokenized[_CUT]), len(tokenized), f"{split_name} texts", spec.max_length,
+                f"raise data.max_length{whole}")  # fmt: skip
         return tokenized.remove_columns([_CUT, DOCUMENT])
     log.info("%s: %d texts in %d windows of up to %d tokens (%d shared)", split_name, len(split), len(tokenized),
              spec.max_length, stride)  # fmt: skip
@@ -358,7 +364,13 @@ def were_cut(encoded: Any, max_length: int) -> list[bool]:
     return [len(ids) >= max_length for ids in encoded["input_ids"]]
 
 
-def say_cut(cut: int, total: int, what: str, max_length: int, hint: str = "raise data.max_length") -> None:
+def say_cut(
+    cut: int,
+    total: int,
+    what: str,
+    max_length: int,
+    hint: str = "raise data.max_length",
+) -> None:
     """One warning line when texts were longer than the model reads: they were classified by their start only."""
     if cut:
         log.warning("%d of %d %s are longer than %d tokens and were cut to their first %d; %s",

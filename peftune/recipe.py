@@ -167,6 +167,8 @@ class DataSpec(_Strict):
                 "data.long_text=chunk splits single texts into windows, and this recipe reads sentence pairs; "
                 "set data.long_text=truncate"
             )
+        if self.stride is not None and self.long_text != "chunk":
+            raise ValueError("data.stride sets the overlap of chunked windows; set data.long_text=chunk, or drop it")
         if self.stride is not None and self.stride >= self.max_length:
             raise ValueError(
                 f"data.stride ({self.stride}) is the tokens consecutive windows share and must be smaller than the "

@@ -141,6 +141,11 @@ CASES: dict[str, Case] = {
         lambda w: train(w, "data.long_text=chunk", "data.stride=31"),
         "data.stride (31) leaves no new tokens in a window of 32 tokens",
     ),
+    "thresholds on single-label data": (
+        lambda w: train(w, "data.thresholds=0.3"),
+        "data.thresholds applies to multi-label data, and this is classification",
+    ),
+    "stride without chunking": (lambda w: ["validate", w.recipe, "data.stride=8"], "set data.long_text=chunk, or drop"),
     "chunked sentence pairs": (
         lambda w: ["validate", w.recipe, "data.long_text=chunk", "data.text_columns=[a, b]"],
         "data.long_text=chunk splits single texts into windows",

@@ -264,7 +264,8 @@ def test_tokenize_says_how_many_texts_it_cut(tiny_models, caplog):
         tokenized = tokenize(raw, tokenizer, spec(source="x", text_columns="a", max_length=16), labels, "train")
     assert "peftune_cut" not in tokenized.column_names
     assert sum(n > 16 for n in lengths) == 3 and caplog.messages == [
-        "3 of 6 train texts are longer than 16 tokens and were cut to their first 16; raise data.max_length"
+        "3 of 6 train texts are longer than 16 tokens and were cut to their first 16; raise data.max_length, or read "
+        "them whole with data.long_text=chunk"
     ]
     caplog.clear()
     with caplog.at_level("WARNING", logger="peftune.data"):

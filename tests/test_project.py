@@ -90,6 +90,7 @@ def test_wheel_ships_recipes_and_quickstart_data(tmp_path):
     shipped = {f"peftune/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
     assert shipped and shipped <= names
     assert {"peftune/quickstart/train.csv", "peftune/quickstart/validation.csv"} <= names
+    assert {"peftune/feedback/train.jsonl", "peftune/feedback/validation.jsonl"} <= names  # feedback-* recipes
 
 
 def test_a_test_run_without_the_real_data_says_in_one_line_why_tests_were_skipped(tmp_path):
