@@ -178,8 +178,9 @@ def prepare_data(recipe: Recipe) -> Prepared:
     eval_set = data.tokenize(eval_raw, tokenizer, recipe.data, labels, recipe.data.eval_split)
     tokenize_seconds = time.perf_counter() - tokenizing
     log.info(
-        "%s: %d train / %d eval examples, %s", recipe.name, len(train_set), len(eval_set),
-        f"{labels.num_labels} labels" if labels.names else "regression",
+        "%s: %d train / %d eval examples, %s", recipe.name, len(train_raw), len(eval_raw),
+        f"{labels.num_labels} labels" + (" (multi-label)" if labels.multi_label else "") if labels.names
+        else "regression",
     )  # fmt: skip
     eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
     eval_set = eval_set.select(sorted(range(len(eval_set)), key=eval_lengths.__getitem__))

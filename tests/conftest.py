@@ -16,6 +16,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest
 import tiny
+from hubserver import TOKEN, FakeHub
 
 SHARED_DATA = Path(os.environ.get("PEFTUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DATA_SKIP = "needs the real GLUE/IMDb files"
@@ -110,3 +111,20 @@ def shared_data():
         return folder
 
     return get
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A stand-in Hub server on 127.0.0.1 that the real huggingface_hub client talks to, with a token set."""
+    from huggingface_hub import constants
+
+    with FakeHub(TOKEN) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server

@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+TOKEN = "hf_testTOKENthatMustNeverLeak0123456789"  # the tests' token: it must never show in output or files
+
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 
 

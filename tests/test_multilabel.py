@@ -247,3 +247,17 @@ def test_the_shipped_multi_label_recipe_reads_its_data_as_multi_label():
     labels = infer_labels(recipe.data, train, evaluation)
     assert labels.multi_label and labels.names == tuple(TOPICS)
     assert metrics.default_metrics("multi_label")[0] == recipe.metrics[0] == "f1_micro"
+
+
+def test_a_pushed_multi_label_run_predicts_as_the_run_and_its_card_says_multi_label(hub, multi_run, in_tmp):
+    from peftune.predict import predict_texts
+    from peftune.push import push
+
+    run, _ = multi_run
+    push(run.path, "tester/topics", base_model_id="tester/tiny-bert", echo=lambda _: None)
+    assert predict_texts("tester/topics", PROBE, probabilities=True) == predict_texts(
+        run.path, PROBE, probabilities=True
+    )
+    card = hub.files("tester/topics")["README.md"].decode()
+    assert "multi-label" in card and "top_k" not in card.split("## Use it")[0]
+    assert Labels.from_json(json.loads(hub.files("tester/topics")["labels.json"])) == Labels.read(run.labels_file)

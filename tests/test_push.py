@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hubserver import FakeHub
+from hubserver import TOKEN
 from huggingface_hub import ModelCard
 
 from peftune.cli import main
@@ -17,24 +17,7 @@ from peftune.merge import merge_adapter
 from peftune.predict import predict_texts
 from peftune.push import push
 
-TOKEN = "hf_testTOKENthatMustNeverLeak0123456789"
 TEXTS = ["The screen is gorgeous and the battery never quits.", "Cold food, rude staff, never again."]
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    with FakeHub(TOKEN) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield server
 
 
 def push_cli(*args: str):
