@@ -124,6 +124,14 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # The minority class weighed up (CoLA's 30% "unacceptable"): Matthews correlation rewards getting it right.
     "lora-balanced": ("LoRA with balanced class weights (`train.class_weights=balanced`)",
                       ("method=lora", "train.class_weights=balanced"), ("cola",)),
+    # OLoRA's start (an orthonormal basis of the weight, QR), PiSSA's sibling.
+    "lora-olora": ("LoRA, OLoRA start (`lora.init_lora_weights=olora`)",
+                   ("method=lora", "lora.init_lora_weights=olora")),
+    # Prefix tuning, where it trails most: a longer prefix, and the many epochs of P-Tuning v2's recipes.
+    "prefix-64tokens": ("prefix, 64 tokens (`prefix.num_virtual_tokens=64`)",
+                        ("method=prefix", "prefix.num_virtual_tokens=64")),
+    "prefix-10epochs": ("prefix, ten epochs (`train.num_train_epochs=10`)",
+                        ("method=prefix", "train.num_train_epochs=10")),
 }  # fmt: skip
 
 
