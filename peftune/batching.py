@@ -49,3 +49,41 @@ class LengthBucketSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return (index for batch in self.batches() for index in batch)
+
+
+class TokenBudgetBatches(Sampler[list[int]]):
+    """Batches of at most `max_tokens` tokens each, padding included, instead of a fixed count of texts.
+
+    The training set is sorted by length once (ties in a seeded random order) and cut into the longest runs that
+    fit the budget: many short texts or a few long ones per step, so every step costs about the same and the
+    longest batch no longer sets the peak memory. The batches stay the same every epoch and come in a new order
+    each epoch (as fairseq's `max_tokens`), so an epoch always has the same number of steps and a resumed run
+    skips the batches it already trained on. A text longer than the budget is a batch of its own.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int) -> None:
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.epoch = 0
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        order.sort(key=lengths.__getitem__)  # stable: equal lengths keep their random order
+        self.fixed: list[list[int]] = []
+        batch: list[int] = []
+        for index in order:
+            if batch and (len(batch) + 1) * lengths[index] > max_tokens:  # sorted: the newest text is the longest
+                self.fixed.append(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            self.fixed.append(batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.fixed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        return (self.fixed[i] for i in torch.randperm(len(self.fixed), generator=generator).tolist())

@@ -129,8 +129,10 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     weights += sum(b.numel() * b.element_size() for b in attached.buffers())
     if linear_weights is not None:
         weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their quantized form
-    batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = recipe.data.max_length
+    # A token budget's costliest batch is its longest texts: as many of max_length tokens as it holds.
+    tokens = recipe.train.get("batch_tokens")
+    batch = max(1, tokens // length) if tokens else int(recipe.train.get("per_device_train_batch_size", 8))
     activations, layer_inputs, layers = _traced_activations(attached, config, batch, length)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
     return Estimate(recipe.method + (f"-{kind}" if recipe.model.quantized else ""), batch, length, weights,
@@ -191,6 +193,11 @@ def fit(recipe: Recipe, budget: int, text: str) -> tuple[Recipe, dict[str, Any]]
     The effective batch (per-device batch x accumulation steps) stays the recipe's; gradient checkpointing is
     turned on only when no batch size fits without it. Returns the recipe and what was chosen.
     """
+    if recipe.train.get("batch_tokens"):
+        raise PeftuneError(
+            f"--fit {text} chooses how many texts a batch holds, and train.batch_tokens sets a "
+            "budget of tokens instead; drop one of them (`peftune plan` shows what a budget costs)"
+        )
     planned = estimate(recipe)
     effective = planned.batch_size * int(recipe.train.get("gradient_accumulation_steps", 1))
     choice: dict[str, Any] = {"budget_mb": round(budget / MB), "effective_batch": effective}

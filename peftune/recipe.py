@@ -54,7 +54,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 # Keys of the `train` block that peftune reads itself rather than passing to TrainingArguments.
-TRAIN_OWN = ("class_weights",)  # balanced, or one weight per label in label order (peftune.losses)
+TRAIN_OWN = (
+    "class_weights",  # balanced, or one weight per label in label order (peftune.losses)
+    "batch_tokens",  # training batches of up to this many tokens, padding included (peftune.batching)
+)
 # TrainingArguments keys that peftune sets itself, and where a recipe sets them instead.
 TRAIN_OWNED = {"output_dir": "the top-level output_dir key", "seed": "the top-level seed key"}
 # Keys that older transformers releases had and that recipes found online still use.
@@ -276,6 +279,25 @@ class Recipe(_WithBlocks):
             raise ValueError(
                 f"train.class_weights is balanced or a list of weights, one per label (numbers of at least 0, "
                 f"not all 0), got {weights!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_tokens_hold_a_text(self) -> Recipe:
+        budget = self.train.get("batch_tokens")
+        if budget is None:
+            return self
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.data.max_length:
+            raise ValueError(
+                f"train.batch_tokens is the most tokens a training batch holds, padding included, a whole number of "
+                f"at least data.max_length ({self.data.max_length}) so that the longest text fits, got {budget!r}; "
+                "set it to null for batches of train.per_device_train_batch_size texts"
+            )
+        strategy = self.train.get("train_sampling_strategy", "random")
+        if strategy != "random":
+            raise ValueError(
+                f"train.batch_tokens forms its own batches of similar lengths and cannot be combined with "
+                f"train.train_sampling_strategy={strategy}; drop one of them"
             )
         return self
 

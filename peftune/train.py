@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune import card, data, losses, metrics, modeling, plan, rundir, trainer
-from peftune.batching import LengthBucketSampler
+from peftune.batching import LengthBucketSampler, TokenBudgetBatches
 from peftune.data import Labels
 from peftune.methods import METHODS
 from peftune.recipe import Recipe, check_passthrough, local_path
@@ -256,8 +256,10 @@ def fit_model(
             recipe.model.quantization,
         )
     args = training_arguments(recipe, run, primary)
-    sampler = None
-    if recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
+    sampler: LengthBucketSampler | TokenBudgetBatches | None = None
+    if recipe.train.get("batch_tokens"):
+        sampler = TokenBudgetBatches(prepared.train_lengths, recipe.train["batch_tokens"], args.seed)
+    elif recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
         sampler = LengthBucketSampler(prepared.train_lengths, args.per_device_train_batch_size, args.seed)
     before = trainer.seconds_before(checkpoint)
     hf_trainer = trainer.build_trainer(

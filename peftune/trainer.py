@@ -35,15 +35,31 @@ def build_trainer(
     seconds_before: float,
     compute_loss: Any = None,
 ) -> Any:
-    """A transformers Trainer that draws its training batches from `sampler` (length buckets; None: Trainer's
-    own order), logs one plain line per entry, and writes the training time so far into every checkpoint.
-    `compute_loss` replaces the model's own loss (peftune.losses: class weights)."""
+    """A transformers Trainer that draws its training batches from `sampler` (length buckets, or whole batches
+    from a batch sampler such as peftune.batching's token budgets; None: Trainer's own order), logs one plain line
+    per entry, and writes the training time so far into every checkpoint. `compute_loss` replaces the model's own
+    loss (peftune.losses: class weights)."""
     import torch
+    from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding, Trainer
+
+    from peftune.batching import TokenBudgetBatches
 
     class BucketTrainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+        def get_train_dataloader(self) -> Any:
+            if not isinstance(sampler, TokenBudgetBatches):
+                return super().get_train_dataloader()
+            # Trainer passes only its own rebalancing sampler as a batch sampler; the rest of its loader's
+            # settings as it sets them.
+            dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+            loader = DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            )  # fmt: skip
+            return self.accelerator.prepare(loader)
 
     on_gpu = torch.cuda.is_available()
     trainer = BucketTrainer(

@@ -150,6 +150,19 @@ CASES: dict[str, Case] = {
         lambda w: ["validate", w.recipe, "data.long_text=chunk", "data.text_columns=[a, b]"],
         "data.long_text=chunk splits single texts into windows",
     ),
+    "a token budget smaller than a text": (
+        lambda w: ["validate", w.recipe, "train.batch_tokens=16"],
+        "train.batch_tokens is the most tokens a training batch holds, padding included, a whole number of at least "
+        "data.max_length (32)",
+    ),
+    "a token budget with another sampler": (
+        lambda w: ["validate", w.recipe, "train.batch_tokens=256", "train.train_sampling_strategy=group_by_length"],
+        "cannot be combined with train.train_sampling_strategy=group_by_length",
+    ),
+    "a token budget fitted to memory": (
+        lambda w: train(w, "train.batch_tokens=256", "--fit", "8GB"),
+        "train.batch_tokens sets a budget of tokens instead; drop one of them",
+    ),
     "class weights of the wrong length": (
         lambda w: train(w, "train.class_weights=[1.0, 2.0, 3.0]"),
         "train.class_weights has 3 weights but the data has 2 labels (negative, positive)",

@@ -1,4 +1,5 @@
-"""Length-bucketed batches: every example once per epoch, little padding, and no long-to-short drift."""
+"""Length-bucketed batches: every example once per epoch, little padding, and no long-to-short drift; token budgets:
+every batch within its budget, the same batches each epoch in a new order."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 
 from scipy.stats import spearmanr
 
-from peftune.batching import POOL_BATCHES, LengthBucketSampler
+from peftune.batching import POOL_BATCHES, LengthBucketSampler, TokenBudgetBatches
 
 BATCH = 8
 
@@ -61,3 +62,37 @@ def test_the_order_depends_on_seed_and_epoch_only():
     first.set_epoch(1)
     assert list(first) != list(again), "each epoch has its own order"
     assert list(LengthBucketSampler(sizes, BATCH, seed=6)) != list(again)
+
+
+def test_token_budget_batches_fill_the_budget_and_no_more():
+    sizes, budget = lengths(1001), 480
+    sampler = TokenBudgetBatches(sizes, budget, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(1001)) and len(batches) == len(sampler)
+    cost = [len(b) * max(sizes[i] for i in b) for b in batches]
+    assert max(cost) <= budget
+    # Many short texts per batch, few long ones: the count of texts follows the budget, not a fixed size.
+    counts = {max(sizes[i] for i in b): len(b) for b in batches}
+    assert counts[min(counts)] >= budget // min(counts) - 1 and counts[max(counts)] == budget // max(counts)
+    # Cut greedily from the sorted lengths: no batch could take the next text of the sort without overflowing,
+    # so there are no more batches than the budget needs.
+    assert len(batches) <= sum(sizes) / budget * 1.2 + 1
+    assert padding_share(batches, sizes) < 0.05
+
+
+def test_a_text_over_the_budget_is_a_batch_of_its_own():
+    batches = list(TokenBudgetBatches([10, 50, 10, 10], 40, seed=0))
+    assert sorted(map(sorted, batches)) == [[0, 2, 3], [1]]
+
+
+def test_token_budget_batches_stay_and_their_order_changes_by_epoch():
+    sizes = lengths()
+    first, again = TokenBudgetBatches(sizes, 400, seed=5), TokenBudgetBatches(sizes, 400, seed=5)
+    assert list(first) == list(again), "a resumed run sees the same batches in the same order"
+    first.set_epoch(1)
+    epoch_two = list(first)
+    assert epoch_two != list(again), "each epoch has its own order"
+    assert sorted(map(sorted, epoch_two)) == sorted(map(sorted, again)), "of the same batches"
+    assert sorted(map(sorted, TokenBudgetBatches(sizes, 400, seed=6))) != sorted(map(sorted, again))
+    longest = [max(sizes[i] for i in b) for b in epoch_two]
+    assert abs(spearmanr(range(len(longest)), longest)[0]) < 0.3, "not short to long"

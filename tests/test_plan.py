@@ -96,6 +96,14 @@ def test_activations_scale_with_the_batch_and_checkpointing_saves_them(tiny_bert
     assert large.largest_batch(budget, accumulation=2) in (39, 40), "the inverse of total(), accumulating"
 
 
+def test_a_token_budget_is_planned_as_its_costliest_batch(tiny_bert, reviews, tmp_path):
+    """Batches of up to N tokens peak at N // max_length texts of max_length tokens, whatever the batch size."""
+    recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
+    six = estimate(load_recipe(recipe, ["train.per_device_train_batch_size=6"]))
+    budget = estimate(load_recipe(recipe, ["train.batch_tokens=200", "train.per_device_train_batch_size=32"]))
+    assert budget.batch_size == 6 and budget.max_length == 32 and budget.activations == six.activations
+
+
 def test_activations_and_gradients_do_not_peak_together(tiny_bert, reviews, tmp_path):
     """Weights and optimizer state always; on top, the activations or twice the gradients (the optimizer step),
     whichever is larger; accumulating, the gradients of earlier batches are held during the next forward."""

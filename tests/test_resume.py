@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 from peftune.recipe import load_recipe
 from peftune.train import train
 
-# 64 reviews, batch 8, two epochs: 16 steps. Each case: the settings, the step at which the process dies, and the
-# checkpoint it resumes from (the steps after it are lost and done again).
+# 64 reviews, batch 8, two epochs: 16 steps. Each case: the settings, the step at which the process dies, the
+# checkpoint it resumes from (the steps after it are lost and done again), and the steps of the whole run.
 CASES = {
-    "epoch-checkpoints": (["train.num_train_epochs=2"], 10, 8),
-    "step-checkpoints": (["train.num_train_epochs=2", "train.save_strategy=steps", "train.save_steps=5"], 13, 10),
+    "epoch-checkpoints": (["train.num_train_epochs=2"], 10, 8, 16),
+    "step-checkpoints": (["train.num_train_epochs=2", "train.save_strategy=steps", "train.save_steps=5"], 13, 10, 16),
+    # Batches of up to 128 tokens: 12 of them per epoch, of 3 to 12 reviews.
+    "token-budget": (["train.num_train_epochs=2", "train.batch_tokens=128"], 15, 12, 24),
 }
 # The resumed process restores the optimizer, scheduler, RNG states and data order, so on CPU it repeats the
 # uninterrupted run's arithmetic; the tolerance only allows for float summation order.
@@ -50,7 +52,7 @@ def recipe(tiny_bert, reviews, tmp_path):
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case):
-    settings, kill_at, resume_at = CASES[case]
+    settings, kill_at, resume_at, steps = CASES[case]
     whole = train(load_recipe(recipe, settings), output_dir=tmp_path / "whole").read_metrics()
 
     crashed = tmp_path / "crashed"
@@ -82,7 +84,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((crashed / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == resume_at and whole.resumed_from_step is None
-    assert metrics["global_steps"] == whole.global_steps == 16
+    assert metrics["global_steps"] == whole.global_steps == steps
     print("eval, uninterrupted:", whole.eval, "resumed:", metrics["eval"])
     assert metrics["eval"]["loss"] == pytest.approx(whole.eval["loss"], abs=TOLERANCE)
     assert metrics["eval"]["accuracy"] == whole.eval["accuracy"]
@@ -92,11 +94,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tmp_path, case
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < TOLERANCE
     # The resumed process trained only the steps after the checkpoint: Trainer's train_loss is the mean over
     # the steps of this process (a restart from scratch would give the same final weights, but not this).
-    state = json.loads((tmp_path / "whole" / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "whole" / "checkpoints" / f"checkpoint-{steps}" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert len(losses) == 16
-    assert metrics["train_loss"] == pytest.approx(sum(losses[resume_at:]) / (16 - resume_at), abs=1e-4)
-    assert whole.train_loss == pytest.approx(sum(losses) / 16, abs=1e-4)
+    assert len(losses) == steps
+    assert metrics["train_loss"] == pytest.approx(sum(losses[resume_at:]) / (steps - resume_at), abs=1e-4)
+    assert whole.train_loss == pytest.approx(sum(losses) / steps, abs=1e-4)
     # The time of the whole run: the part before the checkpoint plus the resumed part.
     assert 1000 < metrics["train_runtime_s"] < 1000 + 10 * whole.train_runtime_s
 

@@ -209,3 +209,38 @@ def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_bert, reviews
     with pytest.raises(PeftuneError, match=r"model folder .*nothing-here not found; check model\.name_or_path"):
         train(load_recipe(str(recipe_file), ["model.name_or_path=" + str(tmp_path / "nothing-here")]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_token_budget_batches_train_every_text_within_the_budget(tmp_path, tiny_bert, reviews):
+    """`train.batch_tokens`: each training step holds at most that many tokens, padding included, however many
+    texts that is; every text once per epoch; the run reloads to the model that was evaluated."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer, TrainerCallback
+
+    seen: list[tuple[int, int]] = []
+
+    class Shapes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def record(module, passed, named):
+                if module.training:
+                    seen.append(tuple(named["input_ids"].shape))
+
+            model.register_forward_pre_hook(record, with_kwargs=True)
+
+    recipe_file = tiny.write_recipe(tmp_path / "recipe.yaml", tiny_bert, *reviews)
+    overrides = ["train.batch_tokens=96", "train.num_train_epochs=2"]
+    run = train(load_recipe(str(recipe_file), overrides), output_dir=tmp_path / "run", callbacks=[Shapes()]).path
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert seen and max(rows * length for rows, length in seen) <= 96
+    assert len({rows for rows, _ in seen}) > 1, "the count of texts follows their length"
+    assert sum(rows for rows, _ in seen) == 64 * 2 and len(seen) == metrics["global_steps"] != 16
+    assert metrics["train_samples"] == 64
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run / "adapter")
+    labels = json.loads((run / "labels.json").read_text())
+    texts, names = eval_rows(reviews[1])
+    loss, accuracy = eval_loss_and_accuracy(
+        model, AutoTokenizer.from_pretrained(run / "adapter"), texts, [labels["label2id"][n] for n in names]
+    )
+    assert loss == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
+    assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
