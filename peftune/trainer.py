@@ -52,8 +52,8 @@ def build_trainer(
         def get_train_dataloader(self) -> Any:
             if not isinstance(sampler, TokenBudgetBatches):
                 return super().get_train_dataloader()
-            # Trainer passes only its own rebalancing sampler as a batch sampler; the rest of its loader's
-            # settings as it sets them.
+            # Trainer hands only its own rebalancing sampler to the loader as a batch sampler: build the loader here,
+            # with Trainer's worker and pinning settings, and let accelerate place (or shard) it as Trainer would.
             dataset = self._remove_unused_columns(self.train_dataset, description="Training")
             loader = DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=self.data_collator,
