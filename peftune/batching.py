@@ -7,6 +7,7 @@ Here each pool is sorted only to form the batches, and the batches of the whole 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -49,6 +50,13 @@ class LengthBucketSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return (index for batch in self.batches() for index in batch)
+
+
+def auto_budget(lengths: Sequence[int], batch_size: int, max_length: int) -> int:
+    """`train.batch_tokens: auto`: the batch size times the training texts' mean length (at least max_length),
+    so that an epoch takes about as many steps as batches of `batch_size` texts would."""
+    mean = sum(lengths) / max(len(lengths), 1)
+    return max(max_length, math.ceil(batch_size * mean))
 
 
 class TokenBudgetBatches(Sampler[list[int]]):

@@ -130,9 +130,12 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     if linear_weights is not None:
         weights -= linear_weights[0] - linear_weights[1]  # float32 linear weights replaced by their quantized form
     length = recipe.data.max_length
-    # A token budget's costliest batch is its longest texts: as many of max_length tokens as it holds.
+    # A token budget's costliest batch is its longest texts: as many of max_length tokens as it holds. An auto
+    # budget (the batch size times the data's mean length) holds at most the batch size of them.
     tokens = recipe.train.get("batch_tokens")
-    batch = max(1, tokens // length) if tokens else int(recipe.train.get("per_device_train_batch_size", 8))
+    batch = int(recipe.train.get("per_device_train_batch_size", 8))
+    if isinstance(tokens, int):
+        batch = max(1, tokens // length)
     activations, layer_inputs, layers = _traced_activations(attached, config, batch, length)
     checkpointed = layer_inputs + (activations // max(layers, 1) if layers else activations)
     return Estimate(recipe.method + (f"-{kind}" if recipe.model.quantized else ""), batch, length, weights,

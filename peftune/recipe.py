@@ -56,7 +56,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # Keys of the `train` block that peftune reads itself rather than passing to TrainingArguments.
 TRAIN_OWN = (
     "class_weights",  # balanced, or one weight per label in label order (peftune.losses)
-    "batch_tokens",  # training batches of up to this many tokens, padding included (peftune.batching)
+    "batch_tokens",  # training batches of up to this many tokens, padding included, or auto (peftune.batching)
 )
 # TrainingArguments keys that peftune sets itself, and where a recipe sets them instead.
 TRAIN_OWNED = {"output_dir": "the top-level output_dir key", "seed": "the top-level seed key"}
@@ -287,11 +287,13 @@ class Recipe(_WithBlocks):
         budget = self.train.get("batch_tokens")
         if budget is None:
             return self
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < self.data.max_length:
+        if budget != "auto" and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < self.data.max_length
+        ):
             raise ValueError(
-                f"train.batch_tokens is the most tokens a training batch holds, padding included, a whole number of "
-                f"at least data.max_length ({self.data.max_length}) so that the longest text fits, got {budget!r}; "
-                "set it to null for batches of train.per_device_train_batch_size texts"
+                f"train.batch_tokens is the most tokens a training batch holds, padding included: auto, or a whole "
+                f"number of at least data.max_length ({self.data.max_length}) so that the longest text fits, got "
+                f"{budget!r}; set it to null for batches of train.per_device_train_batch_size texts"
             )
         strategy = self.train.get("train_sampling_strategy", "random")
         if strategy != "random":

@@ -40,6 +40,7 @@ class Metrics:
     fresh_modules: list[str] = field(default_factory=list)  # new in the model, trained in full
     learning_rate: float | None = None
     class_weights: list[float] | None = None  # train.class_weights, one per label; None: unweighted loss
+    batch_tokens: int | None = None  # the training batches' token budget (train.batch_tokens); None: a count of texts
     thresholds: dict[str, float] | None = None  # multi-label: each label's threshold on its sigmoid score
     thresholds_tuned_on: str | None = None  # the split data.thresholds=tune chose them on (None: as the recipe set)
     train_samples: int  # texts (with data.long_text=chunk, the windows are train_windows)

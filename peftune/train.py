@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftune import card, data, losses, metrics, modeling, plan, rundir, trainer
-from peftune.batching import LengthBucketSampler, TokenBudgetBatches
+from peftune.batching import LengthBucketSampler, TokenBudgetBatches, auto_budget
 from peftune.data import Labels
 from peftune.methods import METHODS
 from peftune.recipe import Recipe, check_passthrough, local_path
@@ -240,6 +240,14 @@ def training_arguments(recipe: Recipe, run: rundir.RunDir, primary: str) -> Any:
     return TrainingArguments(**arguments)
 
 
+def batch_tokens(recipe: Recipe, train_lengths: Sequence[int]) -> int | None:
+    """The token budget of the training batches (`train.batch_tokens`, auto resolved), None for a count of texts."""
+    budget = recipe.train.get("batch_tokens")
+    if budget == "auto":
+        return auto_budget(train_lengths, int(recipe.train["per_device_train_batch_size"]), recipe.data.max_length)
+    return budget
+
+
 def fit_model(
     run: rundir.RunDir, recipe: Recipe, prepared: Prepared, built: Built, checkpoint: Path | None,
     callbacks: Sequence[Any],
@@ -257,8 +265,9 @@ def fit_model(
         )
     args = training_arguments(recipe, run, primary)
     sampler: LengthBucketSampler | TokenBudgetBatches | None = None
-    if recipe.train.get("batch_tokens"):
-        sampler = TokenBudgetBatches(prepared.train_lengths, recipe.train["batch_tokens"], args.seed)
+    budget = batch_tokens(recipe, prepared.train_lengths)
+    if budget is not None:
+        sampler = TokenBudgetBatches(prepared.train_lengths, budget, args.seed)
     elif recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
         sampler = LengthBucketSampler(prepared.train_lengths, args.per_device_train_batch_size, args.seed)
     before = trainer.seconds_before(checkpoint)
@@ -354,6 +363,7 @@ def _record(
         fresh_modules=built.fresh,
         learning_rate=recipe.learning_rate,
         class_weights=prepared.class_weights,
+        batch_tokens=batch_tokens(recipe, prepared.train_lengths),
         thresholds=dict(zip(labels.names or (), labels.thresholds or (), strict=True)) if labels.multi_label else None,
         thresholds_tuned_on=recipe.data.eval_split if labels.multi_label and recipe.data.thresholds == "tune" else None,
         train_samples=prepared.texts[0] if prepared.texts else len(prepared.train_set),

@@ -132,6 +132,12 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
                         ("method=prefix", "prefix.num_virtual_tokens=64")),
     "prefix-10epochs": ("prefix, ten epochs (`train.num_train_epochs=10`)",
                         ("method=prefix", "train.num_train_epochs=10")),
+    # Token-budget batches of about the recipe's average batch (BENCHMARKS.md: faster, less memory at 4,000 SST-2
+    # sentences); on every task, for LoRA and for full fine-tuning, to tell whether they could be the default.
+    "lora-tokens-auto": ("LoRA, token-budget batches (`train.batch_tokens=auto`)",
+                         ("method=lora", "train.batch_tokens=auto"), ("cola", "mrpc", "stsb", "sst2")),
+    "full-tokens-auto": ("full, token-budget batches (`train.batch_tokens=auto`)",
+                         ("method=full", "train.batch_tokens=auto"), ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip
 
 

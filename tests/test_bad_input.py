@@ -152,8 +152,8 @@ CASES: dict[str, Case] = {
     ),
     "a token budget smaller than a text": (
         lambda w: ["validate", w.recipe, "train.batch_tokens=16"],
-        "train.batch_tokens is the most tokens a training batch holds, padding included, a whole number of at least "
-        "data.max_length (32)",
+        "train.batch_tokens is the most tokens a training batch holds, padding included: auto, or a whole number "
+        "of at least data.max_length (32)",
     ),
     "a token budget with another sampler": (
         lambda w: ["validate", w.recipe, "train.batch_tokens=256", "train.train_sampling_strategy=group_by_length"],

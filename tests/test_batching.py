@@ -7,7 +7,7 @@ import random
 
 from scipy.stats import spearmanr
 
-from peftune.batching import POOL_BATCHES, LengthBucketSampler, TokenBudgetBatches
+from peftune.batching import POOL_BATCHES, LengthBucketSampler, TokenBudgetBatches, auto_budget
 
 BATCH = 8
 
@@ -96,3 +96,12 @@ def test_token_budget_batches_stay_and_their_order_changes_by_epoch():
     assert sorted(map(sorted, TokenBudgetBatches(sizes, 400, seed=6))) != sorted(map(sorted, again))
     longest = [max(sizes[i] for i in b) for b in epoch_two]
     assert abs(spearmanr(range(len(longest)), longest)[0]) < 0.3, "not short to long"
+
+
+def test_an_auto_budget_keeps_about_the_steps_of_a_fixed_batch():
+    sizes = lengths(1000)
+    budget = auto_budget(sizes, BATCH, max_length=120)
+    assert budget == max(120, -(-BATCH * sum(sizes) // len(sizes)))
+    steps = len(TokenBudgetBatches(sizes, budget, seed=0))
+    assert len(sizes) / BATCH <= steps <= 1.25 * len(sizes) / BATCH
+    assert auto_budget([3] * 10, BATCH, max_length=64) == 64, "never below one text of max_length"

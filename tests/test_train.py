@@ -234,7 +234,7 @@ def test_token_budget_batches_train_every_text_within_the_budget(tmp_path, tiny_
     assert seen and max(rows * length for rows, length in seen) <= 96
     assert len({rows for rows, _ in seen}) > 1, "the count of texts follows their length"
     assert sum(rows for rows, _ in seen) == 64 * 2 and len(seen) == metrics["global_steps"] != 16
-    assert metrics["train_samples"] == 64
+    assert metrics["train_samples"] == 64 and metrics["batch_tokens"] == 96
 
     model = AutoPeftModelForSequenceClassification.from_pretrained(run / "adapter")
     labels = json.loads((run / "labels.json").read_text())
@@ -244,3 +244,17 @@ def test_token_budget_batches_train_every_text_within_the_budget(tmp_path, tiny_
     )
     assert loss == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
     assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
+
+
+def test_an_auto_token_budget_is_resolved_from_the_data_and_recorded(tmp_path, tiny_bert, reviews):
+    from peftune.train import prepare_data
+
+    recipe = load_recipe(str(tiny.write_recipe(tmp_path / "recipe.yaml", tiny_bert, *reviews)),
+                         ["train.batch_tokens=auto"])  # fmt: skip
+    lengths = prepare_data(recipe).train_lengths
+    expected = max(32, -(-8 * sum(lengths) // len(lengths)))  # batch 8 x the mean length, rounded up
+    metrics = train(recipe, output_dir=tmp_path / "run").read_metrics()
+    assert metrics.batch_tokens == expected
+    assert 8 <= metrics.global_steps <= 10, "about the steps of batches of 8 (64 reviews)"
+    plain = train(load_recipe(str(tmp_path / "recipe.yaml")), output_dir=tmp_path / "plain").read_metrics()
+    assert plain.batch_tokens is None
