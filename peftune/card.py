@@ -93,6 +93,7 @@ def _body(recipe: Recipe, metrics: Metrics, labels: Labels, place: Place, librar
         + (f" ({kind}: the {recipe.method} adapter folded into the weights)" if kind else ""),
     }[library]
     label_text = ", ".join(f"`{n}`" for n in labels.names) if labels.names else "one regression score"
+    budget = f" (batches of up to {metrics.batch_tokens:,} tokens)" if metrics.batch_tokens else ""
     if labels.multi_label:
         label_text = (
             f"multi-label: any number of {label_text} per text, each with its own sigmoid score; a label applies "
@@ -130,7 +131,7 @@ def _body(recipe: Recipe, metrics: Metrics, labels: Labels, place: Place, librar
 
 Method `{recipe.method}`{ON_BASE[recipe.model.quantization]}, \
 {metrics.train_samples:,} training examples, learning rate {metrics.learning_rate:g}, \
-{metrics.global_steps} optimizer steps in {metrics.train_runtime_s:.0f} s on {metrics.device} \
+{metrics.global_steps} optimizer steps{budget} in {metrics.train_runtime_s:.0f} s on {metrics.device} \
 ({metrics.dtype}), peak memory {metrics.peak_memory_mb:.0f} MB. Libraries: {versions}.
 
 The resolved recipe (also in `recipe.yaml`):

@@ -255,6 +255,8 @@ def test_an_auto_token_budget_is_resolved_from_the_data_and_recorded(tmp_path, t
     expected = max(32, -(-8 * sum(lengths) // len(lengths)))  # batch 8 x the mean length, rounded up
     metrics = train(recipe, output_dir=tmp_path / "run").read_metrics()
     assert metrics.batch_tokens == expected
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"optimizer steps (batches of up to {expected:,} tokens)" in card
     assert 8 <= metrics.global_steps <= 10, "about the steps of batches of 8 (64 reviews)"
     plain = train(load_recipe(str(tmp_path / "recipe.yaml")), output_dir=tmp_path / "plain").read_metrics()
     assert plain.batch_tokens is None
