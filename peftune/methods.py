@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 
-# Keys of a method block that peftune reads itself rather than passing to peft.
-OWN_KEYS = ("learning_rate",)
+# Keys of a method block that peftune reads itself rather than passing to peft. `num_train_epochs`, when a block
+# sets it, replaces train.num_train_epochs for that method (prefix tuning needs more passes than the others).
+OWN_KEYS = ("learning_rate", "num_train_epochs")
 
 # Targets where peft has no default for an architecture (used when the block leaves them null).
 LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}

@@ -304,6 +304,17 @@ class Recipe(_WithBlocks):
         return self
 
     @model_validator(mode="after")
+    def _method_epochs_are_epochs(self) -> Recipe:
+        for name in METHODS:
+            epochs = self.block(name).get("num_train_epochs")
+            if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0):
+                raise ValueError(
+                    f"{name}.num_train_epochs replaces train.num_train_epochs when method={name}: a number above 0, "
+                    f"got {epochs!r}; set it to null to train train.num_train_epochs epochs"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _sizes_are_positive(self) -> Recipe:
         # peft accepts these in its configs and fails only when it builds the model, after the data is loaded.
         for name, method in METHODS.items():
@@ -345,10 +356,17 @@ class Recipe(_WithBlocks):
         """`train.learning_rate` when the recipe sets it, else the method's own rate."""
         return self.train.get("learning_rate", self.method_block["learning_rate"])
 
+    @property
+    def num_train_epochs(self) -> float:
+        """The method block's `num_train_epochs` when it sets one, else `train.num_train_epochs`."""
+        own = self.method_block.get("num_train_epochs")
+        return own if own is not None else self.train["num_train_epochs"]
+
     def training_arguments(self, output_dir: str) -> dict[str, Any]:
         """Keyword arguments for ``transformers.TrainingArguments``."""
         passed = {key: value for key, value in self.train.items() if key not in TRAIN_OWN}
-        return {**passed, "learning_rate": self.learning_rate, "seed": self.seed, "output_dir": output_dir}
+        return {**passed, "learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs,
+                "seed": self.seed, "output_dir": output_dir}  # fmt: skip
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, every default filled in."""

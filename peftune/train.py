@@ -264,6 +264,10 @@ def fit_model(
             recipe.model.quantization,
         )
     args = training_arguments(recipe, run, primary)
+    own_epochs = recipe.method_block.get("num_train_epochs")
+    if own_epochs is not None and own_epochs != recipe.train["num_train_epochs"] and _is_main_process():
+        log.info("%s trains %g epochs (%s.num_train_epochs), not train.num_train_epochs=%g", recipe.method,
+                 own_epochs, recipe.method, recipe.train["num_train_epochs"])  # fmt: skip
     sampler: LengthBucketSampler | TokenBudgetBatches | None = None
     budget = batch_tokens(recipe, prepared.train_lengths)
     if budget is not None:

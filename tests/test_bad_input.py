@@ -150,6 +150,10 @@ CASES: dict[str, Case] = {
         lambda w: ["validate", w.recipe, "data.long_text=chunk", "data.text_columns=[a, b]"],
         "data.long_text=chunk splits single texts into windows",
     ),
+    "a method's epochs that are not epochs": (
+        lambda w: ["validate", w.recipe, "prefix.num_train_epochs=0"],
+        "prefix.num_train_epochs replaces train.num_train_epochs when method=prefix: a number above 0, got 0",
+    ),
     "a token budget smaller than a text": (
         lambda w: ["validate", w.recipe, "train.batch_tokens=16"],
         "train.batch_tokens is the most tokens a training batch holds, padding included: auto, or a whole number "

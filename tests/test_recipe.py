@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from peftune.errors import PeftuneError
+from peftune.methods import METHODS
 from peftune.recipe import (
     check_passthrough,
     copy_recipe,
@@ -69,6 +70,17 @@ def test_learning_rate_follows_the_method_unless_train_sets_it(tmp_path):
     assert load_recipe(path, ["train.learning_rate=3e-4", "method=full"]).learning_rate == pytest.approx(3e-4)
     kwargs = load_recipe(path, ["seed=7"]).training_arguments("out")
     assert kwargs["learning_rate"] == pytest.approx(2e-3) and kwargs["seed"] == 7 and kwargs["output_dir"] == "out"
+
+
+def test_a_method_block_can_set_its_own_epochs(tmp_path):
+    """`prefix.num_train_epochs` replaces train.num_train_epochs when prefix tuning runs, and only then."""
+    path = str(write(tmp_path, MINIMAL + "prefix: {num_train_epochs: 10}\n"))
+    assert load_recipe(path, ["method=prefix"]).training_arguments("out")["num_train_epochs"] == 10
+    assert load_recipe(path).training_arguments("out")["num_train_epochs"] == 3, "LoRA keeps the train block's"
+    assert load_recipe(path, ["method=full", "train.num_train_epochs=2"]).num_train_epochs == 2
+    assert load_recipe(path, ["method=prefix", "prefix.num_train_epochs=null"]).num_train_epochs == 3
+    # Not a peft argument: validate builds the peft config without it.
+    assert METHODS["prefix"].peft_config(load_recipe(path, ["method=prefix"]).prefix).num_virtual_tokens == 20
 
 
 def test_a_method_block_merges_over_its_defaults(tmp_path):

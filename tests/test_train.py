@@ -260,3 +260,13 @@ def test_an_auto_token_budget_is_resolved_from_the_data_and_recorded(tmp_path, t
     assert 8 <= metrics.global_steps <= 10, "about the steps of batches of 8 (64 reviews)"
     plain = train(load_recipe(str(tmp_path / "recipe.yaml")), output_dir=tmp_path / "plain").read_metrics()
     assert plain.batch_tokens is None
+
+
+def test_a_method_trains_its_own_epochs(tmp_path, tiny_bert, reviews):
+    """`prefix.num_train_epochs=2` over a one-epoch recipe: prefix tuning trains two epochs; LoRA keeps one."""
+    recipe_file = str(tiny.write_recipe(tmp_path / "recipe.yaml", tiny_bert, *reviews))
+    prefix = train(load_recipe(recipe_file, ["method=prefix", "prefix.num_train_epochs=2"]),
+                   output_dir=tmp_path / "prefix").read_metrics()  # fmt: skip
+    assert prefix.global_steps == 16 and [e["epoch"] for e in prefix.eval_history] == [1.0, 2.0]
+    lora = train(load_recipe(recipe_file, ["prefix.num_train_epochs=2"]), output_dir=tmp_path / "lora").read_metrics()
+    assert lora.global_steps == 8
