@@ -207,7 +207,7 @@ def lever_lines(task: str, done: dict[str, Metrics], runs: Path) -> list[str]:
     lines = [f"| run | {metric} | vs LoRA (points) | vs full (points) | train samples/s | trainable parameters |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     found = {"lora": ("LoRA at its defaults", lora), "full": ("full fine-tuning at its defaults", full),
-             "prefix": ("prefix at its defaults", done.get("prefix"))}  # fmt: skip
+             "prefix": ("prefix as the recipe ships it", done.get("prefix"))}  # fmt: skip
     for lever in levers_of(task):
         run = lever_folder(runs, task, lever)
         found[lever] = (LEVERS[lever][0], run.read_metrics() if run.is_complete() else None)
