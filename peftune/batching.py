@@ -70,7 +70,6 @@ class TokenBudgetBatches(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int) -> None:
-        self.max_tokens = max_tokens
         self.seed = seed
         self.epoch = 0
         generator = torch.Generator().manual_seed(seed)

@@ -148,6 +148,7 @@ class Done:
     history: list[dict[str, Any]]
     epoch: float | None  # the epoch those weights come from: the last, or the best one's
     resumed_from: Path | None
+    batch_tokens: int | None  # the training batches' token budget; None: batches of a count of texts
 
 
 def _is_main_process() -> bool:
@@ -240,7 +241,7 @@ def training_arguments(recipe: Recipe, run: rundir.RunDir, primary: str) -> Any:
     return TrainingArguments(**arguments)
 
 
-def batch_tokens(recipe: Recipe, train_lengths: Sequence[int]) -> int | None:
+def _batch_tokens(recipe: Recipe, train_lengths: Sequence[int]) -> int | None:
     """The token budget of the training batches (`train.batch_tokens`, auto resolved), None for a count of texts."""
     budget = recipe.train.get("batch_tokens")
     if budget == "auto":
@@ -269,7 +270,7 @@ def fit_model(
         log.info("%s trains %g epochs (%s.num_train_epochs), not train.num_train_epochs=%g", recipe.method,
                  own_epochs, recipe.method, recipe.train["num_train_epochs"])  # fmt: skip
     sampler: LengthBucketSampler | TokenBudgetBatches | None = None
-    budget = batch_tokens(recipe, prepared.train_lengths)
+    budget = _batch_tokens(recipe, prepared.train_lengths)
     if budget is not None:
         sampler = TokenBudgetBatches(prepared.train_lengths, budget, args.seed)
     elif recipe.data.bucket_by_length and args.train_sampling_strategy == "random":
@@ -314,6 +315,7 @@ def fit_model(
         history=history,
         epoch=epoch,
         resumed_from=checkpoint,
+        batch_tokens=budget,
     )
 
 
@@ -367,7 +369,7 @@ def _record(
         fresh_modules=built.fresh,
         learning_rate=recipe.learning_rate,
         class_weights=prepared.class_weights,
-        batch_tokens=batch_tokens(recipe, prepared.train_lengths),
+        batch_tokens=done.batch_tokens,
         thresholds=dict(zip(labels.names or (), labels.thresholds or (), strict=True)) if labels.multi_label else None,
         thresholds_tuned_on=recipe.data.eval_split if labels.multi_label and recipe.data.thresholds == "tune" else None,
         train_samples=prepared.texts[0] if prepared.texts else len(prepared.train_set),
