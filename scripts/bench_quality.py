@@ -138,6 +138,9 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # sentences), to tell whether they could be LoRA's default.
     "lora-tokens-auto": ("LoRA, token-budget batches (`train.batch_tokens=auto`)",
                          ("method=lora", "train.batch_tokens=auto"), ("cola", "mrpc", "stsb", "sst2")),
+    # A longer warmup (0.2 of the steps against the recipes' 0.06): LoRA's 2e-3 sits near the edge of divergence.
+    "lora-warmup": ("LoRA, warmup over 20% of the steps (`train.warmup_steps=0.2`)",
+                    ("method=lora", "train.warmup_steps=0.2")),
 }  # fmt: skip
 
 
