@@ -377,18 +377,27 @@ class Recipe(_WithBlocks):
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
 
     def same_as_saved(self, path: Path) -> bool:
-        """Whether a run's saved recipe.yaml describes this recipe.
+        """Whether a run's saved recipe.yaml describes this recipe, as far as the run is concerned.
 
         The saved file is read back through the schema, so a key added to peftune since (with its default)
-        does not make an old run look different. The run's name and folder are where it went, not how it
-        trained: they are not compared.
+        does not make an old run look different. What never reached the run is not compared: its name and
+        folder (where it went, not how it trained) and the blocks of the methods it did not run; the learning
+        rate and epochs are compared as the run used them, wherever the recipe set them.
         """
         try:
             saved = load_recipe(str(path))
         except PeftuneError:
             return False
-        where = {"name": self.name, "output_dir": self.output_dir}  # where a run goes, not how it trains
-        return saved.model_copy(update=where).to_yaml() == self.to_yaml()
+        return saved._as_trained() == self._as_trained()
+
+    def _as_trained(self) -> dict[str, Any]:
+        """The resolved settings that reach a run of this recipe (see `same_as_saved`)."""
+        settings = self.model_dump(exclude={"name", "output_dir", *(name for name in METHODS if name != self.method)})
+        for key in ("learning_rate", "num_train_epochs"):  # a method block's own, or the train block's
+            settings[self.method].pop(key, None)
+            settings["train"].pop(key, None)
+        settings["train"].update(learning_rate=self.learning_rate, num_train_epochs=self.num_train_epochs)
+        return settings
 
 
 # --- YAML ---------------------------------------------------------------------------------------------

@@ -83,6 +83,22 @@ def test_a_method_block_can_set_its_own_epochs(tmp_path):
     assert METHODS["prefix"].peft_config(load_recipe(path, ["method=prefix"]).prefix).num_virtual_tokens == 20
 
 
+def test_a_run_is_the_same_unless_what_it_trained_with_changed(tmp_path):
+    """Resume and reuse compare what reached the run: not its name or folder, not the blocks of other methods."""
+    path = str(write(tmp_path, MINIMAL))
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(load_recipe(path).to_yaml(), encoding="utf-8")
+    assert load_recipe(path, ["name=elsewhere", "output_dir=runs/x"]).same_as_saved(saved)
+    assert load_recipe(path, ["prefix.num_train_epochs=10", "full.learning_rate=1e-4"]).same_as_saved(saved)
+    # The rate and epochs as the run used them, from the train block or the method's.
+    assert load_recipe(path, ["lora.num_train_epochs=3", "train.learning_rate=2e-3"]).same_as_saved(saved)
+    assert not load_recipe(path, ["lora.num_train_epochs=4"]).same_as_saved(saved)
+    for changed in ("lora.r=4", "method=full", "train.num_train_epochs=2", "seed=7", "data.max_length=64"):
+        assert not load_recipe(path, [changed]).same_as_saved(saved), changed
+    saved.write_text("model: [not, a, recipe]\n", encoding="utf-8")
+    assert not load_recipe(path).same_as_saved(saved)
+
+
 def test_a_method_block_merges_over_its_defaults(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL + "lora: {r: 4}\n")), ["lora.lora_dropout=0.05"])
     assert recipe.lora == {
