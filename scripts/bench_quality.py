@@ -141,6 +141,8 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # A longer warmup (0.2 of the steps against the recipes' 0.06): LoRA's 2e-3 sits near the edge of divergence.
     "lora-warmup": ("LoRA, warmup over 20% of the steps (`train.warmup_steps=0.2`)",
                     ("method=lora", "train.warmup_steps=0.2")),
+    # LoRA with every bias trained too (peft's `bias="all"`, BitFit's parameters): a few thousand more weights.
+    "lora-bias": ("LoRA with every bias trained (`lora.bias=all`)", ("method=lora", "lora.bias=all")),
 }  # fmt: skip
 
 
