@@ -393,10 +393,10 @@ class Recipe(_WithBlocks):
     def _as_trained(self) -> dict[str, Any]:
         """The resolved settings that reach a run of this recipe (see `same_as_saved`)."""
         settings = self.model_dump(exclude={"name", "output_dir", *(name for name in METHODS if name != self.method)})
-        for key in ("learning_rate", "num_train_epochs"):  # a method block's own, or the train block's
+        used = {"learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs}
+        for key in used:  # set in the method's block or the train block: compared where the run took it from
             settings[self.method].pop(key, None)
-            settings["train"].pop(key, None)
-        settings["train"].update(learning_rate=self.learning_rate, num_train_epochs=self.num_train_epochs)
+        settings["train"].update(used)
         return settings
 
 
