@@ -143,6 +143,11 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
                     ("method=lora", "train.warmup_steps=0.2")),
     # LoRA with every bias trained too (peft's `bias="all"`, BitFit's parameters): a few thousand more weights.
     "lora-bias": ("LoRA with every bias trained (`lora.bias=all`)", ("method=lora", "lora.bias=all")),
+    # Adapters left out of the lowest layers (AdapterDrop; peft's `layers_to_transform`): the backward pass stops
+    # at the lowest adapted layer, so LoRA on the top four of MiniLM's six layers does a sixth less arithmetic
+    # per step than on all six (reports/step-flops.md).
+    "lora-top4": ("LoRA on the top four of six layers (`lora.layers_to_transform=[2,3,4,5]`)",
+                  ("method=lora", "lora.layers_to_transform=[2,3,4,5]"), ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip
 
 
