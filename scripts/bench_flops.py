@@ -22,6 +22,10 @@ LENGTHS = (16, 48, 128)
 SETTINGS = {  # name -> overrides of the quickstart recipe
     "full fine-tuning": ["method=full"],
     "LoRA at its defaults (query and value, every layer)": ["method=lora"],
+    "LoRA on query, value and the feed-forward output": [
+        "method=lora",
+        r"lora.target_modules=.*(query|value|layer\.\d+\.output\.dense)$",
+    ],
     "LoRA on every linear layer": ["method=lora", "lora.target_modules=all-linear"],
     "LoRA on the top four of six layers": ["method=lora", "lora.layers_to_transform=[2,3,4,5]"],
     "LoRA on the top three of six layers": ["method=lora", "lora.layers_to_transform=[3,4,5]"],
@@ -84,7 +88,8 @@ def main() -> None:
     ]
     for name, counts in found.items():
         cells = " | ".join(f"{counts[n]:.1f} | {full[n] / counts[n]:.2f}x" for n in LENGTHS)
-        lines.append(f"| {name} | `{' '.join(SETTINGS[name])}` | {cells} |")
+        overrides = " ".join(SETTINGS[name]).replace("|", "\\|")  # a regex's bars would end the table cell
+        lines.append(f"| {name} | `{overrides}` | {cells} |")
     lines += [
         "",
         "A frozen weight still passes the gradient to the layer below (one matrix product, against two when it is "
