@@ -161,7 +161,8 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # output's keeps the wide one, so it costs less memory (`peftune plan` on a BERT-base shape at 32 x 128:
     # 0.66x full fine-tuning's peak against 0.74x; query and value alone 0.63x).
     "lora-ffn-in-1e-3": ("LoRA on query, value and the feed-forward input at 1e-3",
-                         ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3")),
+                         ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"),
+                         ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip
 
 
