@@ -35,7 +35,7 @@ METHODS = {
     "prefix": ["method=prefix"],
     # The previous default, for comparison: every linear layer, dropout 0.1.
     "lora-all-linear": ["method=lora", "lora.target_modules=all-linear", "lora.lora_dropout=0.1"],
-    # The candidate default of reports/quality.md: every linear layer, no dropout, at 1e-3.
+    # An earlier candidate default of reports/quality.md: every linear layer, no dropout, at 1e-3.
     "lora-all-linear-1e-3": ["method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"],
     # The candidate default of reports/quality.md's seventh session: query, value and the feed-forward block's
     # output (BERT's names), at 1e-3.
