@@ -9,6 +9,7 @@ figures for context.
     python scripts/bench_quality.py --report-only                        # rewrite the report from finished runs
     python scripts/bench_quality.py --sizes                              # SST-2 at 2k/8k/20k sentences, 3 seeds
     python scripts/bench_quality.py --seeds                              # full and LoRA again with seeds 43, 44
+    python scripts/bench_quality.py --seeds --methods lora --tasks cola  # --methods and --tasks narrow any of them
     python scripts/bench_quality.py --levers                             # issue 19's levers (CoLA, MRPC, SST-2)
 
 Runs already complete are reused when trained with the same recipe (a run whose recipe changed since is trained
@@ -252,10 +253,10 @@ def seed_folder(runs: Path, task: str, method: str, seed: int) -> rundir.RunDir:
     return rundir.RunDir(runs / f"{task}-seeds" / f"{method}-seed{seed}")
 
 
-def train_seeds(runs: Path, tasks: list[str]) -> list[str]:
-    """Each task's full and LoRA runs with the seeds beyond 42; the names of those that failed."""
+def train_seeds(runs: Path, tasks: list[str], methods: list[str]) -> list[str]:
+    """Each task's full and LoRA runs (those of `methods`) with the seeds beyond 42; the names of those that failed."""
     failed = []
-    grid = [(task, seed, method) for task in tasks for seed in MORE_SEEDS for method in SEED_METHODS]
+    grid = [(t, seed, m) for t in tasks for seed in MORE_SEEDS for m in SEED_METHODS if m in methods]
     for number, (task, seed, method) in enumerate(grid, 1):
         where = f"[{number}/{len(grid)}] {task} seed {seed} {method}"
         overrides = [*TASKS[task].overrides, f"seed={seed}", *METHODS[method]]
@@ -312,10 +313,11 @@ def size_folder(runs: Path, size: int, method: str, seed: int) -> rundir.RunDir:
     return rundir.RunDir(runs / "sst2-sizes" / str(size) / f"{method}-seed{seed}")
 
 
-def train_sizes(runs: Path) -> list[str]:
-    """Train every (size, seed, method) SST-2 run of the robustness table; the names of those that failed."""
+def train_sizes(runs: Path, methods: list[str]) -> list[str]:
+    """Train every (size, seed, method) SST-2 run of the robustness table (the methods of `methods`); the names of
+    those that failed."""
     failed = []
-    grid = [(size, seed, method) for size in SIZES for seed in SEEDS for method in SIZE_METHODS]
+    grid = [(size, seed, m) for size in SIZES for seed in SEEDS for m in SIZE_METHODS if m in methods]
     for number, (size, seed, method) in enumerate(grid, 1):
         where = f"[{number}/{len(grid)}] sst2 {size} seed {seed} {method}"
         overrides = [f"data.max_train_samples={size}", f"seed={seed}", *METHODS[method]]
@@ -551,9 +553,9 @@ def main() -> int:
             parser.error(f"no GLUE files in {data_dir}; give --data-dir (the folder holding sst2/, cola/, ...)")
         os.environ["PEFTUNE_DATA_DIR"] = str(data_dir)
         if args.sizes:
-            failed = train_sizes(args.runs)
+            failed = train_sizes(args.runs, methods)
         elif args.seeds:
-            failed = train_seeds(args.runs, tasks)
+            failed = train_seeds(args.runs, tasks, methods)
         elif args.levers:
             failed = train_levers(args.runs, tasks)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -76,12 +77,23 @@ def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize(
-    ("arch", "expected"),
-    [("bert", {"query", "value"}), ("distilbert", {"q_lin", "v_lin"}), ("deberta-v2", {"query_proj", "value_proj"})],
+    ("arch", "attention", "feed_forward"),
+    [
+        ("bert", ("attention.self.query", "attention.self.value"), "output.dense"),
+        ("distilbert", ("attention.q_lin", "attention.v_lin"), "ffn.lin2"),
+        ("deberta-v2", ("attention.self.query_proj", "attention.self.value_proj"), "output.dense"),
+    ],
 )
-def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, arch, expected):
+def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, arch, attention, feed_forward):
+    """target_modules null: the architecture's query and value and each layer's feed-forward output (the
+    layer mapping the wider intermediate width back to the hidden size), nothing else."""
     run, _ = train_tiny(tmp_path, tiny_models(arch), reviews)  # the default block: target_modules null
-    assert set(json.loads((run.adapter_dir / "adapter_config.json").read_text())["target_modules"]) == expected
+    adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
+    layers = {re.search(r"\.(?:layer|layers)\.(\d+)\.", n).group(1) for n in adapted}  # type: ignore[union-attr]
+    assert layers == {"0", "1"}, adapted
+    for layer in layers:
+        here = {n.split(f".{layer}.", 1)[1] for n in adapted if f".{layer}." in n}
+        assert here == {*attention, feed_forward}, here
 
 
 def test_prefix_with_projection(tmp_path, tiny_bert, reviews):

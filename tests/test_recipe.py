@@ -63,13 +63,13 @@ def test_name_defaults_to_file_stem_and_defaults_fill_in(tmp_path):
 
 def test_learning_rate_follows_the_method_unless_train_sets_it(tmp_path):
     path = str(write(tmp_path, MINIMAL))
-    assert load_recipe(path).learning_rate == pytest.approx(2e-3)
+    assert load_recipe(path).learning_rate == pytest.approx(1e-3)
     assert load_recipe(path, ["method=full"]).learning_rate == pytest.approx(5e-5)
     assert load_recipe(path, ["method=prefix"]).learning_rate == pytest.approx(1e-2)
     assert load_recipe(path, ["full.learning_rate=2e-5", "method=full"]).learning_rate == pytest.approx(2e-5)
     assert load_recipe(path, ["train.learning_rate=3e-4", "method=full"]).learning_rate == pytest.approx(3e-4)
     kwargs = load_recipe(path, ["seed=7"]).training_arguments("out")
-    assert kwargs["learning_rate"] == pytest.approx(2e-3) and kwargs["seed"] == 7 and kwargs["output_dir"] == "out"
+    assert kwargs["learning_rate"] == pytest.approx(1e-3) and kwargs["seed"] == 7 and kwargs["output_dir"] == "out"
 
 
 def test_a_method_block_can_set_its_own_epochs(tmp_path):
@@ -91,7 +91,7 @@ def test_a_run_is_the_same_unless_what_it_trained_with_changed(tmp_path):
     assert load_recipe(path, ["name=elsewhere", "output_dir=runs/x"]).same_as_saved(saved)
     assert load_recipe(path, ["prefix.num_train_epochs=10", "full.learning_rate=1e-4"]).same_as_saved(saved)
     # The rate and epochs as the run used them, from the train block or the method's.
-    assert load_recipe(path, ["lora.num_train_epochs=3", "train.learning_rate=2e-3"]).same_as_saved(saved)
+    assert load_recipe(path, ["lora.num_train_epochs=3", "train.learning_rate=1e-3"]).same_as_saved(saved)
     assert not load_recipe(path, ["lora.num_train_epochs=4"]).same_as_saved(saved)
     for changed in ("lora.r=4", "method=full", "train.num_train_epochs=2", "seed=7", "data.max_length=64"):
         assert not load_recipe(path, [changed]).same_as_saved(saved), changed
@@ -102,7 +102,7 @@ def test_a_run_is_the_same_unless_what_it_trained_with_changed(tmp_path):
 def test_a_method_block_merges_over_its_defaults(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL + "lora: {r: 4}\n")), ["lora.lora_dropout=0.05"])
     assert recipe.lora == {
-        "learning_rate": 2e-3,
+        "learning_rate": 1e-3,
         "r": 4,
         "lora_alpha": 16,
         "lora_dropout": 0.05,
