@@ -21,6 +21,7 @@ benchmark takes hours.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -99,38 +100,52 @@ PAPER_METRICS = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "Matthews corr.
 # Issue 19's levers, each one change to LoRA (or full fine-tuning) at its defaults, on the tasks where LoRA trails
 # full fine-tuning most: folder name -> (what it is, overrides[, tasks]). Trained by --levers, in this order.
 LEVER_TASKS = ("cola", "mrpc")
+# The levers measured before the feed-forward output joined LoRA's default keep the default they changed, query and
+# value at 2e-3 (the `lora-qv-2e-3` row), so that each stays one change to what it was measured against.
+PREVIOUS_DEFAULT = ("lora.target_modules=[query,value]", "lora.learning_rate=2e-3")
+
+
+def previous_default(method: str, *changes: str) -> tuple[str, ...]:
+    """A lever's overrides on LoRA's previous default: the change, and of PREVIOUS_DEFAULT what it does not set."""
+    own = {change.split("=")[0] for change in changes}
+    return (method, *(o for o in PREVIOUS_DEFAULT if o.split("=")[0] not in own), *changes)
+
+
 FFN_OUT_TARGETS = r".*(query|value|layer\.\d+\.output\.dense)$"  # BERT's names: not attention.output.dense
 FFN_IN_TARGETS = r".*(query|value|intermediate\.dense)$"
 LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "lora-mean": ("LoRA, mean pooling (`model.pooling=mean`)", ("method=lora", "model.pooling=mean")),
+    "lora-mean": ("LoRA, mean pooling (`model.pooling=mean`)",
+                  previous_default("method=lora", "model.pooling=mean")),
     "full-mean": ("full, mean pooling (`model.pooling=mean`)", ("method=full", "model.pooling=mean")),
-    "lora-rslora": ("LoRA, rsLoRA scaling (`lora.use_rslora=true`)", ("method=lora", "lora.use_rslora=true")),
-    "lora-dora": ("LoRA, DoRA (`lora.use_dora=true`)", ("method=lora", "lora.use_dora=true")),
+    "lora-rslora": ("LoRA, rsLoRA scaling (`lora.use_rslora=true`)",
+                    previous_default("method=lora", "lora.use_rslora=true")),
+    "lora-dora": ("LoRA, DoRA (`lora.use_dora=true`)", previous_default("method=lora", "lora.use_dora=true")),
     "lora-pissa": (
         "LoRA, PiSSA start (`lora.init_lora_weights=pissa`)",
-        ("method=lora", "lora.init_lora_weights=pissa"),
+        previous_default("method=lora", "lora.init_lora_weights=pissa"),
     ),
     "prefix-mean": ("prefix, mean pooling, three epochs (`model.pooling=mean`)",
                     ("method=prefix", "model.pooling=mean", "prefix.num_train_epochs=3")),
     # Is LoRA's gap one of convergence? Twice the recipe's epochs (LoRA's epoch is the faster one).
-    "lora-6epochs": ("LoRA, six epochs (`train.num_train_epochs=6`)", ("method=lora", "train.num_train_epochs=6")),
-    "lora-2epochs": ("LoRA, two epochs (`train.num_train_epochs=2`)", ("method=lora", "train.num_train_epochs=2"),
-                     ("sst2",)),
+    "lora-6epochs": ("LoRA, six epochs (`train.num_train_epochs=6`)",
+                     previous_default("method=lora", "train.num_train_epochs=6")),
+    "lora-2epochs": ("LoRA, two epochs (`train.num_train_epochs=2`)",
+                     previous_default("method=lora", "train.num_train_epochs=2"), ("sst2",)),
     # What the speed default (query and value) costs on the small tasks, and a larger rank at the same scale.
     "lora-all-linear": ("LoRA on every linear layer (`lora.target_modules=all-linear`)",
-                        ("method=lora", "lora.target_modules=all-linear")),
+                        previous_default("method=lora", "lora.target_modules=all-linear")),
     "lora-r16": ("LoRA, rank 16, alpha 32 (`lora.r=16 lora.lora_alpha=32`)",
-                 ("method=lora", "lora.r=16", "lora.lora_alpha=32")),
+                 previous_default("method=lora", "lora.r=16", "lora.lora_alpha=32")),
     # Every linear layer at half the rate: the old default's layers and the twins' old rate, without dropout.
     "lora-all-linear-1e-3": ("LoRA on every linear layer at 1e-3 (`all-linear`, `lora.learning_rate=1e-3`)",
                              ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"),
                              ("cola", "mrpc", "stsb", "sst2")),
     # The minority class weighed up (CoLA's 30% "unacceptable"): Matthews correlation rewards getting it right.
     "lora-balanced": ("LoRA with balanced class weights (`train.class_weights=balanced`)",
-                      ("method=lora", "train.class_weights=balanced"), ("cola",)),
+                      previous_default("method=lora", "train.class_weights=balanced"), ("cola",)),
     # OLoRA's start (an orthonormal basis of the weight, QR), PiSSA's sibling.
     "lora-olora": ("LoRA, OLoRA start (`lora.init_lora_weights=olora`)",
-                   ("method=lora", "lora.init_lora_weights=olora")),
+                   previous_default("method=lora", "lora.init_lora_weights=olora")),
     # Prefix tuning, where it trailed most in three epochs: a longer prefix (the many epochs of P-Tuning v2's
     # recipes, measured as a lever first, are now the CoLA and MRPC recipes' prefix.num_train_epochs).
     "prefix-3epochs": ("prefix, three epochs (`prefix.num_train_epochs=3`)",
@@ -140,21 +155,26 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # Token-budget batches of about the recipe's average batch (BENCHMARKS.md: faster, less memory at 4,000 SST-2
     # sentences), to tell whether they could be LoRA's default.
     "lora-tokens-auto": ("LoRA, token-budget batches (`train.batch_tokens=auto`)",
-                         ("method=lora", "train.batch_tokens=auto"), ("cola", "mrpc", "stsb", "sst2")),
+                         previous_default("method=lora", "train.batch_tokens=auto"),
+                         ("cola", "mrpc", "stsb", "sst2")),
     # A longer warmup (0.2 of the steps against the recipes' 0.06): LoRA's 2e-3 sits near the edge of divergence.
     "lora-warmup": ("LoRA, warmup over 20% of the steps (`train.warmup_steps=0.2`)",
-                    ("method=lora", "train.warmup_steps=0.2")),
+                    previous_default("method=lora", "train.warmup_steps=0.2")),
     # LoRA with every bias trained too (peft's `bias="all"`, BitFit's parameters): a few thousand more weights.
-    "lora-bias": ("LoRA with every bias trained (`lora.bias=all`)", ("method=lora", "lora.bias=all")),
+    "lora-bias": ("LoRA with every bias trained (`lora.bias=all`)",
+                  previous_default("method=lora", "lora.bias=all")),
     # Adapters left out of the lowest layers (AdapterDrop; peft's `layers_to_transform`): the backward pass stops
     # at the lowest adapted layer, so LoRA on the top four of MiniLM's six layers does a sixth less arithmetic
     # per step than on all six (reports/step-flops.md).
     "lora-top4": ("LoRA on the top four of six layers (`lora.layers_to_transform=[2,3,4,5]`)",
-                  ("method=lora", "lora.layers_to_transform=[2,3,4,5]"), ("cola", "mrpc", "stsb", "sst2")),
+                  previous_default("method=lora", "lora.layers_to_transform=[2,3,4,5]"),
+                  ("cola", "mrpc", "stsb", "sst2")),
     # Query and value at half the rate: is it the rate or the layers that lifted every-linear-layer LoRA at 1e-3?
-    "lora-1e-3": ("LoRA at 1e-3 (`lora.learning_rate=1e-3`)", ("method=lora", "lora.learning_rate=1e-3")),
+    "lora-1e-3": ("LoRA at 1e-3 (`lora.learning_rate=1e-3`)",
+                  previous_default("method=lora", "lora.learning_rate=1e-3")),
     # One more projection per layer, the feed-forward block's output (1,536 -> 384): a cheap share of what every
-    # linear layer adapts, at the rate that suits more adapted layers.
+    # linear layer adapts, at the rate that suits more adapted layers. LoRA's default since 2026-11-30 (the same
+    # layers, named by architecture): its rows repeat the main tables' LoRA rows.
     "lora-ffn-out-1e-3": ("LoRA on query, value and the feed-forward output at 1e-3",
                           ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3"),
                           ("cola", "mrpc", "stsb", "sst2")),
@@ -164,6 +184,9 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     "lora-ffn-in-1e-3": ("LoRA on query, value and the feed-forward input at 1e-3",
                          ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"),
                          ("cola", "mrpc", "stsb", "sst2")),
+    # The default before the feed-forward output joined it (its rows in the main tables until 2026-11-30).
+    "lora-qv-2e-3": ("LoRA on query and value at 2e-3 (the previous default)", previous_default("method=lora"),
+                     ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip
 
 
@@ -181,10 +204,51 @@ def levers_of(task: str) -> list[str]:
 # two on the small dev sets is within seed noise.
 MORE_SEEDS = (43, 44)
 SEED_METHODS = ("full", "lora")
+RESULTS_KEY = "results"  # in the report's JSON, beside the tasks: the seed, size and lever runs' results
 
 
 def run_folder(runs: Path, task: str, method: str) -> rundir.RunDir:
     return rundir.RunDir(runs / task / method)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the seed, size and lever tables show of a run. The report's JSON keeps one per run it showed, so that
+    a table outlives the run folders (another machine, a new clone): a run is trained again only when asked."""
+
+    eval: dict[str, float]
+    train_samples_per_second: float | None
+    trainable_parameters: int | None
+    finished_at: str | None  # None: transcribed from an earlier report (`source`), the date not kept
+    source: str | None = None  # where a result not read from a metrics.json came from
+
+    @classmethod
+    def of(cls, m: Metrics) -> Result:
+        return cls({k: v for k, v in m.eval.items() if k != "loss"}, m.train_samples_per_second,
+                   m.trainable_parameters, m.finished_at)  # fmt: skip
+
+
+class Results:
+    """The seed, size and lever runs' results: a complete run folder's, else the previous report's (carried)."""
+
+    def __init__(self, runs: Path, previous: Path) -> None:
+        self.runs = runs
+        kept = json.loads(previous.read_text(encoding="utf-8")).get(RESULTS_KEY, {}) if previous.is_file() else {}
+        self.kept = {name: Result(**value) for name, value in kept.items()}
+        self.shown: dict[str, Result] = {}  # every result a table used, by folder under `runs`
+        self.carried: set[str] = set()  # those taken from the previous report
+
+    def get(self, run: rundir.RunDir) -> Result | None:
+        name = run.path.relative_to(self.runs).as_posix()
+        if run.is_complete():
+            found: Result | None = Result.of(run.read_metrics())
+        else:
+            found = self.kept.get(name)
+            if found is not None:
+                self.carried.add(name)
+        if found is not None:
+            self.shown[name] = found
+        return found
 
 
 def train_one(recipe: str, overrides: list[str], run: rundir.RunDir, logs: Path, where: str) -> str:
@@ -227,25 +291,26 @@ def train_levers(runs: Path, tasks: list[str]) -> list[str]:
     return failed
 
 
-def lever_lines(task: str, done: dict[str, Metrics], runs: Path) -> list[str]:
+def lever_lines(task: str, done: dict[str, Metrics], results: Results) -> list[str]:
     """One task's lever table: each lever's metric against LoRA's and full fine-tuning's defaults."""
     metric = TASKS[task].target_metric
     lora, full = done.get("lora"), done.get("full")
     lines = [f"| run | {metric} | vs LoRA (points) | vs full (points) | train samples/s | trainable parameters |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    found = {"lora": ("LoRA at its defaults", lora), "full": ("full fine-tuning at its defaults", full),
-             "prefix": ("prefix as the recipe ships it", done.get("prefix"))}  # fmt: skip
+    found = {name: (title, Result.of(done[name]) if name in done else None) for name, title in
+             (("lora", "LoRA at its defaults"), ("full", "full fine-tuning at its defaults"),
+              ("prefix", "prefix as the recipe ships it"))}  # fmt: skip
     for lever in levers_of(task):
-        run = lever_folder(runs, task, lever)
-        found[lever] = (LEVERS[lever][0], run.read_metrics() if run.is_complete() else None)
+        found[lever] = (LEVERS[lever][0], results.get(lever_folder(results.runs, task, lever)))
     for title, m in found.values():
         if m is None:
             lines.append(f"| {title} | not run yet | | | | |")
             continue
         value = m.eval[metric]
         vs = [f"{100 * (value - ref.eval[metric]):+.2f}" if ref else "" for ref in (lora, full)]
-        lines.append(f"| {title} | {points(value)} | {vs[0]} | {vs[1]} | {m.train_samples_per_second:.1f} "
-                     f"| {m.trainable_parameters:,} |")  # fmt: skip
+        speed = "" if m.train_samples_per_second is None else f"{m.train_samples_per_second:.1f}"
+        params = "" if m.trainable_parameters is None else f"{m.trainable_parameters:,}"
+        lines.append(f"| {title} | {points(value)} | {vs[0]} | {vs[1]} | {speed} | {params} |")
     return lines
 
 
@@ -266,39 +331,39 @@ def train_seeds(runs: Path, tasks: list[str], methods: list[str]) -> list[str]:
     return failed
 
 
-def seed_values(task: str, method: str, done: dict[str, Metrics], runs: Path) -> list[float | None]:
+def seed_values(task: str, method: str, done: dict[str, Metrics], results: Results) -> list[float | None]:
     """A method's target metric (points) with seed 42 (the main table's run) and MORE_SEEDS; None: not run."""
     metric = TASKS[task].target_metric
-    found = [done.get(method)] + [
-        seed_folder(runs, task, method, s).read_metrics() if seed_folder(runs, task, method, s).is_complete() else None
-        for s in MORE_SEEDS
+    main = done.get(method)
+    found = [main.eval if main else None] + [
+        None if (r := results.get(seed_folder(results.runs, task, method, s))) is None else r.eval for s in MORE_SEEDS
     ]
-    return [None if m is None else 100 * m.eval[metric] for m in found]
+    return [None if values is None else 100 * values[metric] for values in found]
 
 
-def seed_mean_difference(task: str, done: dict[str, Metrics], runs: Path) -> float | None:
+def seed_mean_difference(task: str, done: dict[str, Metrics], results: Results) -> float | None:
     """LoRA's mean over the three seeds minus full fine-tuning's, once every run is there."""
-    lora, full = ([v for v in seed_values(task, m, done, runs) if v is not None] for m in ("lora", "full"))
+    lora, full = ([v for v in seed_values(task, m, done, results) if v is not None] for m in ("lora", "full"))
     if len(lora) < 1 + len(MORE_SEEDS) or len(full) < 1 + len(MORE_SEEDS):
         return None
     return (sum(lora) - sum(full)) / len(lora)
 
 
-def seed_lines(task: str, done: dict[str, Metrics], runs: Path) -> list[str]:
+def seed_lines(task: str, done: dict[str, Metrics], results: Results) -> list[str]:
     """A task's target metric per method and seed (42 from the main table), with the mean and the spread."""
     allowed = next(a for t, method, other, _, a in TARGETS if (t, method, other) == (task, "lora", "full"))
     seeds = (42, *MORE_SEEDS)
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |",
              "|---|" + "---|" * (len(seeds) + 2)]  # fmt: skip
     for method in SEED_METHODS:
-        values = seed_values(task, method, done, runs)
+        values = seed_values(task, method, done, results)
         cells = " | ".join("not run yet" if v is None else f"{v:.2f}" for v in values)
         known = [v for v in values if v is not None]
         if len(known) == len(seeds):
             lines.append(f"| {method} | {cells} | {sum(known) / len(known):.2f} | {max(known) - min(known):.2f} |")
         else:
             lines.append(f"| {method} | {cells} | | |")
-    diff = seed_mean_difference(task, done, runs)
+    diff = seed_mean_difference(task, done, results)
     if diff is not None:
         met = "met" if diff >= -allowed else f"missed by {-diff - allowed:.2f}"
         lines += [
@@ -327,23 +392,23 @@ def train_sizes(runs: Path, methods: list[str]) -> list[str]:
     return failed
 
 
-def size_lines(runs: Path) -> list[str]:
+def size_lines(results: Results) -> list[str]:
     """The robustness table: accuracy of each method per size and seed, and whether LoRA learned."""
     lines = ["| train sentences | seed | " + " | ".join(f"{m} accuracy" for m in SIZE_METHODS)
              + " | lora - full (points) | lora train samples/s / full's | learned |",
              "|---|---|" + "---|" * (len(SIZE_METHODS) + 3)]  # fmt: skip
     for size in SIZES:
         for seed in SEEDS:
-            done = {m: size_folder(runs, size, m, seed) for m in SIZE_METHODS}
-            found = {m: run.read_metrics() for m, run in done.items() if run.is_complete()}
+            found = {m: r for m in SIZE_METHODS if (r := results.get(size_folder(results.runs, size, m, seed)))}
             cells = " | ".join(points(found[m].eval["accuracy"]) if m in found else "not run yet" for m in SIZE_METHODS)
             if len(found) < len(SIZE_METHODS):
                 lines.append(f"| {size:,} | {seed} | {cells} | | | |")
                 continue
             diff = 100 * (found["lora"].eval["accuracy"] - found["full"].eval["accuracy"])
-            speed = found["lora"].train_samples_per_second / found["full"].train_samples_per_second
+            speeds = [found[m].train_samples_per_second for m in ("lora", "full")]
+            speed = "" if None in speeds else f"{speeds[0] / speeds[1]:.2f}"  # type: ignore[operator]
             learned = "yes" if diff >= -NEAR_FULL else "**no**"
-            lines.append(f"| {size:,} | {seed} | {cells} | {diff:+.2f} | {speed:.2f} | {learned} |")
+            lines.append(f"| {size:,} | {seed} | {cells} | {diff:+.2f} | {speed} | {learned} |")
     return lines
 
 
@@ -389,7 +454,7 @@ def metric_names(task: str, done: dict[str, Metrics]) -> list[str]:
     return [TASKS[task].target_metric]
 
 
-def target_lines(rows: dict[str, dict[str, Metrics]], runs: Path) -> list[str]:
+def target_lines(rows: dict[str, dict[str, Metrics]], results: Results) -> list[str]:
     """The targets, met or missed on seed 42's runs, and LoRA against full fine-tuning also on three seeds' means."""
     lines = ["| task | comparison | metric | ours | reference run | difference (points) | target | met "
              "| difference, mean of three seeds | met on the means |", "|" + "---|" * 10]  # fmt: skip
@@ -412,7 +477,7 @@ def target_lines(rows: dict[str, dict[str, Metrics]], runs: Path) -> list[str]:
         a, b = ours.eval[metric], theirs.eval[metric]
         diff = 100 * (a - b)
         met = "yes" if diff >= -allowed else f"**no**, short by {-diff - allowed:.2f}"
-        means = seed_mean_difference(task, rows[task], runs) if (method, other) == ("lora", "full") else None
+        means = seed_mean_difference(task, rows[task], results) if (method, other) == ("lora", "full") else None
         on_means = "" if means is None else "yes" if means >= -allowed else f"**no**, short by {-means - allowed:.2f}"
         seeds = "" if means is None else f"{means:+.2f}"
         lines.append(
@@ -454,6 +519,7 @@ def versions_line(rows: dict[str, dict[str, Metrics]]) -> str:
 def write_report(runs: Path, report: Path) -> None:
     rows = load_rows(runs)
     carried = carried_over(rows, report.with_suffix(".json"))
+    results = Results(runs, report.with_suffix(".json"))
     devices = sorted({m.device for task in rows.values() for m in task.values()})
     lines = [
         "# Quality benchmark: adapters against full fine-tuning on GLUE",
@@ -486,7 +552,7 @@ def write_report(runs: Path, report: Path) -> None:
         ),
         "## Targets (the LoRA paper's finding, on our runs)",
         "",
-        *target_lines(rows, runs),
+        *target_lines(rows, results),
     ]
     for task, spec in TASKS.items():
         lines += ["", f"## {spec.title}", "", *task_table(task, rows.get(task, {}))]
@@ -494,35 +560,55 @@ def write_report(runs: Path, report: Path) -> None:
               f"`python scripts/bench_quality.py --sizes`: `sst2-minilm` on a random subset of the training set "
               f"(drawn by the seed, which also seeds training), one epoch, each method at its defaults. A LoRA run "
               f"more than {NEAR_FULL:g} points below full fine-tuning's of the same size and seed has not learned. "
-              "The full training set is the SST-2 table above.", "", *size_lines(runs)]  # fmt: skip
+              "The full training set is the SST-2 table above.", "", *size_lines(results)]  # fmt: skip
     lines += ["", "## Three seeds: LoRA against full fine-tuning", "",
               "`python scripts/bench_quality.py --seeds`: each task's full fine-tuning and LoRA runs above (seed 42) "
               f"again with seeds {', '.join(map(str, MORE_SEEDS))}, which seed the head's start, dropout and the "
               "batch order; the target metric, the same recipes (SST-2 on its full training set)."]  # fmt: skip
     for task in TASKS:
         heading = f"### {TASKS[task].title.split(' (')[0]} ({TASKS[task].target_metric.replace('_', ' ')})"
-        lines += ["", heading, "", *seed_lines(task, rows.get(task, {}), runs)]
+        lines += ["", heading, "", *seed_lines(task, rows.get(task, {}), results)]
     lines += [
         "",
         "## What each lever gave (LoRA's weakest tasks first; some levers on every task)",
         "",
         "`python scripts/bench_quality.py --levers`: the task's recipe with one change each, seed 42, against "
-        "the task's LoRA and full fine-tuning rows above. Which levers are kept, and why, is in the notes.",
+        "the task's LoRA and full fine-tuning rows above. The LoRA levers measured before 2026-11-30 each change "
+        "the previous default, query and value at 2e-3, which keeps a row of its own: read them against that row. "
+        "Which levers are kept, and why, is in the notes.",
     ]
     for task in (t for t in TASKS if levers_of(t)):
-        lines += ["", f"### {TASKS[task].title}", "", *lever_lines(task, rows.get(task, {}), runs)]
+        lines += ["", f"### {TASKS[task].title}", "", *lever_lines(task, rows.get(task, {}), results)]
     lines += ["", "## Published figures, for context", "",
               "| source | " + " | ".join(f"{t} ({PAPER_METRICS[t]})" for t in TASKS) + " |",
               "|---|" + "---|" * len(TASKS)]  # fmt: skip
     lines += [f"| {source} | " + " | ".join(f"{values[t]:.1f}" for t in TASKS) + " |" for source, values in PAPERS]
     lines += ["", "These models are larger than MiniLM-L6 and were tuned per task over many epochs; compare "
               "methods within our tables, not our numbers with these."]  # fmt: skip
+    if results.carried:
+        groups: dict[str, int] = {}
+        for name in results.carried:
+            group = name.rsplit("/", 1)[0]
+            groups[group] = groups.get(group, 0) + 1
+        transcribed = sum(results.kept[name].finished_at is None for name in results.carried)
+        lines += ["", "## Results carried over", "",
+                  f"{len(results.carried)} of the seed, size and lever results above come from the previous "
+                  "report's JSON, their run folders not being on this machine ("
+                  + ", ".join(f"{group}: {count}" for group, count in sorted(groups.items())) + "). "
+                  f"{transcribed} of them were transcribed from the tables of an earlier report after their folders "
+                  "were lost: they have the tables' figures only (no dates, no speeds in the size table)."]  # fmt: skip
     notes = report.with_name(report.stem + "-notes.md")
     if notes.is_file():
         lines += ["", "## Notes (written by hand)", "", notes.read_text(encoding="utf-8").strip()]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (report.with_suffix(".json")).write_text(
-        json.dumps({task: {m: r.to_json() for m, r in methods.items()} for task, methods in rows.items()}, indent=1)
+        json.dumps(
+            {
+                **{task: {m: r.to_json() for m, r in methods.items()} for task, methods in rows.items()},
+                RESULTS_KEY: {name: dataclasses.asdict(r) for name, r in sorted(results.shown.items())},
+            },
+            indent=1,
+        )
         + "\n",
         encoding="utf-8",
     )
