@@ -9,6 +9,7 @@ this module is cheap; peft and transformers are imported only when a config is b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -115,12 +116,27 @@ def _lora_targets(method: Method, options: dict[str, Any], model: Any, fresh: Se
     """LoRA's `target_modules`: null is the architecture's query and value and each feed-forward output,
     `all-linear` every layer but the head."""
     targets = options.get("target_modules")
+    layers = options.get("layers_to_transform")
     if targets is None:
         attention = lora_default_targets(model.config.model_type)
-        targets = [*attention, *feed_forward_outputs(model, exclude=fresh)] if attention else "all-linear"
+        outputs = in_layers(feed_forward_outputs(model, exclude=fresh), layers)
+        targets = [*attention, *outputs] if attention else "all-linear"
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = linear_layers(model, exclude=fresh)
+        targets = in_layers(linear_layers(model, exclude=fresh), layers)
     return {**options, "target_modules": targets}
+
+
+def in_layers(names: list[str], layers: int | list[int] | None) -> list[str]:
+    """The modules of `names` (named in full) in the layers `layers_to_transform` keeps (all when None).
+
+    peft applies `layers_to_transform` only to the names it matches by suffix: a module named in full is adapted
+    in every layer, so the full names peftune fills in are chosen here. The layer is the first numbered part of
+    the name, as peft reads it (`bert.encoder.layer.3.output.dense`: 3).
+    """
+    if layers is None:
+        return names
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    return [name for name in names if (n := re.search(r"\.(\d+)\.", name)) and int(n.group(1)) in wanted]
 
 
 def _ia3_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:

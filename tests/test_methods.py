@@ -96,6 +96,15 @@ def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, a
         assert here == {*attention, feed_forward}, here
 
 
+def test_layers_to_transform_applies_to_the_default_feed_forward_outputs(tmp_path, tiny_bert, reviews):
+    """The default's feed-forward outputs are named in full, which peft adapts in every layer whatever
+    `layers_to_transform` says: peftune keeps them to the layers asked for."""
+    run, _ = train_tiny(tmp_path, tiny_bert, reviews, "lora.layers_to_transform=[1]")
+    adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
+    assert adapted and all(".layer.1." in n for n in adapted), adapted
+    assert any(n.endswith("layer.1.output.dense") for n in adapted), adapted
+
+
 def test_prefix_with_projection(tmp_path, tiny_bert, reviews):
     run, recorder = train_tiny(tmp_path, tiny_bert, reviews, "method=prefix", "prefix.prefix_projection=true")
     assert any("prompt_encoder" in n and "transform" in n for n in recorder.moved)
