@@ -113,14 +113,14 @@ class Method:
 
 
 def _lora_targets(method: Method, options: dict[str, Any], model: Any, fresh: Sequence[str]) -> dict[str, Any]:
-    """LoRA's `target_modules`: null is the architecture's query and value and each feed-forward output,
+    """LoRA's `target_modules`: null is the architecture's query and value and each feed-forward input,
     `all-linear` every layer but the head."""
     targets = options.get("target_modules")
     layers = options.get("layers_to_transform")
     if targets is None:
         attention = lora_default_targets(model.config.model_type)
-        outputs = in_layers(feed_forward_outputs(model, exclude=fresh), layers)
-        targets = [*attention, *outputs] if attention else "all-linear"
+        inputs = in_layers(feed_forward_inputs(model, exclude=fresh), layers)
+        targets = [*attention, *inputs] if attention else "all-linear"
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = in_layers(linear_layers(model, exclude=fresh), layers)
     return {**options, "target_modules": targets}
@@ -169,15 +169,17 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="lora",
-            # low-rank adapters on the attention's query and value and the feed-forward outputs (peft LoraConfig)
+            # low-rank adapters on the attention's query and value and the feed-forward inputs (peft LoraConfig)
             defaults={
                 # The attention's query and value projections (the LoRA paper's setting) and each layer's
-                # feed-forward output (target_modules null: per architecture, lora_default_targets and
-                # feed_forward_outputs), no dropout, so that peft takes its dropout-free path and keeps no copy
-                # of each adapted layer's input. Against query and value alone at 2e-3 (the previous default)
-                # the feed-forward adapters gained on all four GLUE tasks of reports/quality.md for 0.06 GFLOP
-                # more per step (reports/step-flops.md); against every linear layer with dropout 0.1 (the one
-                # before) it trains faster and needs less memory. 1e-3: more adapted weights, a lower rate.
+                # feed-forward input (target_modules null: per architecture, lora_default_targets and
+                # feed_forward_inputs), no dropout, so that peft takes its dropout-free path and keeps no copy of
+                # each adapted layer's input. Against query and value alone at 2e-3 (the previous default) the
+                # feed-forward adapters gained on SST-2, CoLA and MRPC in reports/quality.md for 1% more
+                # arithmetic per step (reports/step-flops.md); on the feed-forward input rather than its output,
+                # the adapter keeps the narrow hidden-size input for backward, not the wide one (reports/plan.md).
+                # Against every linear layer with dropout 0.1 (the default before) it trains faster and needs
+                # less memory. 1e-3: more adapted weights, a lower rate.
                 "learning_rate": 1.0e-3,
                 "r": 8,
                 "lora_alpha": 16,
@@ -232,16 +234,16 @@ def lora_default_targets(model_type: str) -> list[str] | None:
     return list(targets) if targets else None
 
 
-def feed_forward_outputs(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-    """Each layer's feed-forward output: the linear layers that map a wider width back to the hidden size
-    (BERT, RoBERTa, ELECTRA, DeBERTa-v2 `output.dense`, DistilBERT `ffn.lin2`), outside `exclude`."""
+def feed_forward_inputs(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Each layer's feed-forward input: the linear layers that widen the hidden size (BERT, RoBERTa, ELECTRA,
+    DeBERTa-v2 `intermediate.dense`, DistilBERT `ffn.lin1`), outside `exclude`."""
     hidden = model.config.hidden_size  # DistilBERT's config aliases it to `dim`
 
-    def widening_back(name: str) -> bool:
+    def widening(name: str) -> bool:
         layer = model.get_submodule(name)
-        return layer.out_features == hidden and layer.in_features > hidden
+        return layer.in_features == hidden and layer.out_features > hidden
 
-    return [name for name in linear_layers(model, exclude) if widening_back(name)]
+    return [name for name in linear_layers(model, exclude) if widening(name)]
 
 
 def linear_layers(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:

@@ -79,14 +79,14 @@ def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_model
 @pytest.mark.parametrize(
     ("arch", "attention", "feed_forward"),
     [
-        ("bert", ("attention.self.query", "attention.self.value"), "output.dense"),
-        ("distilbert", ("attention.q_lin", "attention.v_lin"), "ffn.lin2"),
-        ("deberta-v2", ("attention.self.query_proj", "attention.self.value_proj"), "output.dense"),
+        ("bert", ("attention.self.query", "attention.self.value"), "intermediate.dense"),
+        ("distilbert", ("attention.q_lin", "attention.v_lin"), "ffn.lin1"),
+        ("deberta-v2", ("attention.self.query_proj", "attention.self.value_proj"), "intermediate.dense"),
     ],
 )
 def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, arch, attention, feed_forward):
-    """target_modules null: the architecture's query and value and each layer's feed-forward output (the
-    layer mapping the wider intermediate width back to the hidden size), nothing else."""
+    """target_modules null: the architecture's query and value and each layer's feed-forward input (the
+    layer widening the hidden size to the intermediate width), nothing else."""
     run, _ = train_tiny(tmp_path, tiny_models(arch), reviews)  # the default block: target_modules null
     adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
     layers = {re.search(r"\.(?:layer|layers)\.(\d+)\.", n).group(1) for n in adapted}  # type: ignore[union-attr]
@@ -96,13 +96,13 @@ def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, a
         assert here == {*attention, feed_forward}, here
 
 
-def test_layers_to_transform_applies_to_the_default_feed_forward_outputs(tmp_path, tiny_bert, reviews):
-    """The default's feed-forward outputs are named in full, which peft adapts in every layer whatever
+def test_layers_to_transform_applies_to_the_default_feed_forward_inputs(tmp_path, tiny_bert, reviews):
+    """The default's feed-forward inputs are named in full, which peft adapts in every layer whatever
     `layers_to_transform` says: peftune keeps them to the layers asked for."""
     run, _ = train_tiny(tmp_path, tiny_bert, reviews, "lora.layers_to_transform=[1]")
     adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
     assert adapted and all(".layer.1." in n for n in adapted), adapted
-    assert any(n.endswith("layer.1.output.dense") for n in adapted), adapted
+    assert any(n.endswith("layer.1.intermediate.dense") for n in adapted), adapted
 
 
 def test_prefix_with_projection(tmp_path, tiny_bert, reviews):
