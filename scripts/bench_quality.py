@@ -100,7 +100,7 @@ PAPER_METRICS = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "Matthews corr.
 # Issue 19's levers, each one change to LoRA (or full fine-tuning) at its defaults, on the tasks where LoRA trails
 # full fine-tuning most: folder name -> (what it is, overrides[, tasks]). Trained by --levers, in this order.
 LEVER_TASKS = ("cola", "mrpc")
-# The levers measured before the feed-forward output joined LoRA's default keep the default they changed, query and
+# The levers measured before the feed-forward input joined LoRA's default keep the default they changed, query and
 # value at 2e-3 (the `lora-qv-2e-3` row), so that each stays one change to what it was measured against.
 PREVIOUS_DEFAULT = ("lora.target_modules=[query,value]", "lora.learning_rate=2e-3")
 
@@ -173,18 +173,18 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     "lora-1e-3": ("LoRA at 1e-3 (`lora.learning_rate=1e-3`)",
                   previous_default("method=lora", "lora.learning_rate=1e-3")),
     # One more projection per layer, the feed-forward block's output (1,536 -> 384): a cheap share of what every
-    # linear layer adapts, at the rate that suits more adapted layers. LoRA's default since 2026-11-30 (the same
-    # layers, named by architecture): its rows repeat the main tables' LoRA rows.
+    # linear layer adapts, at the rate that suits more adapted layers.
     "lora-ffn-out-1e-3": ("LoRA on query, value and the feed-forward output at 1e-3",
                           ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3"),
                           ("cola", "mrpc", "stsb", "sst2")),
     # The feed-forward input instead (384 -> 1,536): its adapter keeps the narrow input for backward where the
     # output's keeps the wide one, so it costs less memory (`peftune plan` on a BERT-base shape at 32 x 128:
-    # 0.66x full fine-tuning's peak against 0.74x; query and value alone 0.63x).
+    # 0.66x full fine-tuning's peak against 0.74x; query and value alone 0.63x). LoRA's default since 2026-11-30
+    # (the same layers, named by architecture): its rows repeat the main tables' LoRA rows.
     "lora-ffn-in-1e-3": ("LoRA on query, value and the feed-forward input at 1e-3",
                          ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"),
                          ("cola", "mrpc", "stsb", "sst2")),
-    # The default before the feed-forward output joined it (its rows in the main tables until 2026-11-30).
+    # The default before the feed-forward input joined it (its rows in the main tables until 2026-11-30).
     "lora-qv-2e-3": ("LoRA on query and value at 2e-3 (the previous default)", previous_default("method=lora"),
                      ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip

