@@ -234,13 +234,13 @@ def lora_default_targets(model_type: str) -> list[str] | None:
     return list(targets) if targets else None
 
 
-def feed_forward_inputs(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+def feed_forward_inputs(model: PreTrainedModel, exclude: Sequence[str] = ()) -> list[str]:
     """Each layer's feed-forward input: the linear layers that widen the hidden size (BERT, RoBERTa, ELECTRA,
     DeBERTa-v2 `intermediate.dense`, DistilBERT `ffn.lin1`), outside `exclude`."""
-    hidden = model.config.hidden_size  # DistilBERT's config aliases it to `dim`
+    hidden: int = model.config.hidden_size  # DistilBERT's config aliases it to `dim`
 
     def widening(name: str) -> bool:
-        layer = model.get_submodule(name)
+        layer = cast("nn.Linear", model.get_submodule(name))
         return layer.in_features == hidden and layer.out_features > hidden
 
     return [name for name in linear_layers(model, exclude) if widening(name)]
