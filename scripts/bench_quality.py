@@ -1,4 +1,4 @@
-"""Quality benchmark: full fine-tuning, LoRA, LoRA on an 8-bit base and prefix tuning on four GLUE tasks.
+"""Quality benchmark: full fine-tuning, LoRA, LoRA on an 8-bit or 4-bit base and prefix tuning on four GLUE tasks.
 
 Trains the offline MiniLM twins of the shipped recipes (sst2-minilm, cola-minilm, mrpc-minilm, stsb-minilm) on
 the GLUE files in DATA_DIR, one run folder per task and method, then writes the report from the runs'
@@ -59,12 +59,13 @@ METHODS = {
     "full": ("method=full",),
     "lora": ("method=lora",),
     "lora-8bit": ("method=lora", "model.quantization=8bit"),
+    "lora-4bit": ("method=lora", "model.quantization=4bit"),
     "prefix": ("method=prefix",),
 }
 # The order runs are trained in: the LoRA-versus-full pairs a task at a time (a stopped benchmark leaves whole
 # comparisons), then SST-2's 8-bit and prefix runs (targets of their own), then the rest.
 ORDER = [(t, m) for t in ("stsb", "sst2", "mrpc", "cola") for m in ("lora", "full")] + [
-    (t, m) for m in ("lora-8bit", "prefix") for t in ("sst2", "stsb", "mrpc", "cola")
+    (t, m) for m in ("lora-8bit", "prefix", "lora-4bit") for t in ("sst2", "stsb", "mrpc", "cola")
 ]
 
 # (task, method, compared with, metric, largest allowed shortfall in points): each method at its defaults.
@@ -75,6 +76,7 @@ TARGETS: list[tuple[str, str, str | None, str, float]] = [
     ("stsb", "lora", "full", "pearson", 0.5),
     ("cola", "lora", "full", "matthews_correlation", 2.0),
     ("sst2", "lora-8bit", "lora", "accuracy", 0.5),
+    ("sst2", "lora-4bit", "lora", "accuracy", 0.5),
     ("sst2", "prefix", "full", "accuracy", 5.0),
     ("mrpc", "prefix", "full", "accuracy", 5.0),
     ("cola", "prefix", None, "matthews_correlation", 10.0),
