@@ -131,7 +131,7 @@ def in_layers(names: list[str], layers: int | list[int] | None) -> list[str]:
 
     peft applies `layers_to_transform` only to the names it matches by suffix: a module named in full is adapted
     in every layer, so the full names peftune fills in are chosen here. The layer is the first numbered part of
-    the name, as peft reads it (`bert.encoder.layer.3.output.dense`: 3).
+    the name, as peft reads it (`bert.encoder.layer.3.intermediate.dense`: 3).
     """
     if layers is None:
         return names

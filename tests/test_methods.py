@@ -65,13 +65,17 @@ def test_new_modules_are_trained_and_saved(tmp_path, tiny_models, reviews):
     assert run.read_metrics().fresh_modules == ["classifier", "pre_classifier"]
 
 
+def lora_modules(run) -> set[str]:
+    """The modules a run's reloaded model carries LoRA adapters on."""
+    return {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
+
+
 def test_all_linear_leaves_the_new_modules_to_full_training(tmp_path, tiny_models, reviews):
     from peft import PeftModel
 
     run, _ = train_tiny(tmp_path, tiny_models("roberta"), reviews, "lora.target_modules=all-linear")
-    model = load_target(run.path).model
-    assert isinstance(model, PeftModel)
-    lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert isinstance(load_target(run.path).model, PeftModel)
+    lora = lora_modules(run)
     assert any(n.endswith("attention.self.query") for n in lora) and any(n.endswith("output.dense") for n in lora)
     assert not [n for n in lora if ".classifier." in n], "no LoRA inside RoBERTa's two-layer head"
 
@@ -88,7 +92,7 @@ def test_lora_targets_default_per_architecture(tmp_path, tiny_models, reviews, a
     """target_modules null: the architecture's query and value and each layer's feed-forward input (the
     layer widening the hidden size to the intermediate width), nothing else."""
     run, _ = train_tiny(tmp_path, tiny_models(arch), reviews)  # the default block: target_modules null
-    adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
+    adapted = lora_modules(run)
     layers = {re.search(r"\.(?:layer|layers)\.(\d+)\.", n).group(1) for n in adapted}  # type: ignore[union-attr]
     assert layers == {"0", "1"}, adapted
     for layer in layers:
@@ -100,7 +104,7 @@ def test_layers_to_transform_applies_to_the_default_feed_forward_inputs(tmp_path
     """The default's feed-forward inputs are named in full, which peft adapts in every layer whatever
     `layers_to_transform` says: peftune keeps them to the layers asked for."""
     run, _ = train_tiny(tmp_path, tiny_bert, reviews, "lora.layers_to_transform=[1]")
-    adapted = {n.split(".lora_A")[0] for n, _ in load_target(run.path).model.named_parameters() if ".lora_A." in n}
+    adapted = lora_modules(run)
     assert adapted and all(".layer.1." in n for n in adapted), adapted
     assert any(n.endswith("layer.1.intermediate.dense") for n in adapted), adapted
 
