@@ -195,6 +195,14 @@ def weight_memory(work: Path) -> dict[str, dict]:
     return results
 
 
+def against_full(job: dict, full: dict, what: str) -> list[tuple[str, float, str, bool]]:
+    """A job's train samples/s and peak RSS as shares of full fine-tuning's: two rows for comparison, no target."""
+    return [
+        (f"{what}: train samples/s / full's", job["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
+        (f"{what}: peak RSS / full fine-tuning's", job["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
+    ]
+
+
 def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dict) -> None:
     base, lora, full = train["baseline-lora"], train["peftune-lora"], train["peftune-full"]
     previous = train["peftune-lora-qv-2e-3"]
@@ -216,14 +224,8 @@ def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dic
          previous["wall_s"] / base["wall_s"], "(for comparison)", previous["accuracy"] >= base["accuracy"] - 0.01),
         ("the default before (every linear layer, dropout 0.1): train samples/s / full's",
          train["peftune-lora-all-linear"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
-        ("every linear layer, no dropout, 1e-3: train samples/s / full's",
-         train["peftune-lora-all-linear-1e-3"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
-        ("every linear layer, no dropout, 1e-3: peak RSS / full fine-tuning's",
-         train["peftune-lora-all-linear-1e-3"]["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
-        ("query, value and the feed-forward output, 1e-3: train samples/s / full's",
-         train["peftune-lora-ffn-out-1e-3"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
-        ("query, value and the feed-forward output, 1e-3: peak RSS / full fine-tuning's",
-         train["peftune-lora-ffn-out-1e-3"]["peak_rss_mb"] / full["peak_rss_mb"], "(for comparison)", True),
+        *against_full(train["peftune-lora-all-linear-1e-3"], full, "every linear layer, no dropout, 1e-3"),
+        *against_full(train["peftune-lora-ffn-out-1e-3"], full, "query, value and the feed-forward output, 1e-3"),
         ("LoRA on the top four of six layers: train samples/s / full's",
          train["peftune-lora-top4"]["samples_per_s"] / full["samples_per_s"], "(for comparison)", True),
         ("LoRA in batches of up to 512 tokens: train samples/s / full fine-tuning's in the same batches",
