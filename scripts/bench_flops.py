@@ -16,7 +16,7 @@ import argparse
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_quality import FFN_OUT_TARGETS, PREVIOUS_DEFAULT  # defined once, with the quality levers
+from bench_quality import FFN_OUT_TARGETS, PREVIOUS_DEFAULT, RANK_8  # defined once, with the quality levers
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 32
@@ -25,7 +25,8 @@ SETTINGS = {  # name -> overrides of the quickstart recipe
     "full fine-tuning": ["method=full"],
     "LoRA at its defaults (query, value and the feed-forward input, every layer)": ["method=lora"],
     "LoRA on query, value and the feed-forward output": ["method=lora", f"lora.target_modules={FFN_OUT_TARGETS}"],
-    "LoRA on query and value (the previous default)": ["method=lora", *PREVIOUS_DEFAULT],
+    "LoRA at rank 8 (the default before rank 16)": ["method=lora", *RANK_8],
+    "LoRA on query and value, rank 8 (the default before the feed-forward input)": ["method=lora", *PREVIOUS_DEFAULT],
     "LoRA on every linear layer": ["method=lora", "lora.target_modules=all-linear"],
     "LoRA on the top four of six layers": ["method=lora", "lora.layers_to_transform=[2,3,4,5]"],
     "LoRA on the top three of six layers": ["method=lora", "lora.layers_to_transform=[3,4,5]"],

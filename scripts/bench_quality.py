@@ -102,9 +102,11 @@ PAPER_METRICS = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "Matthews corr.
 # Issue 19's levers, each one change to LoRA (or full fine-tuning) at its defaults, on the tasks where LoRA trails
 # full fine-tuning most: folder name -> (what it is, overrides[, tasks]). Trained by --levers, in this order.
 LEVER_TASKS = ("cola", "mrpc")
+# LoRA's rank before 2026-11-30's second change (16, alpha 32, since): the levers measured on earlier defaults keep it.
+RANK_8 = ("lora.r=8", "lora.lora_alpha=16")
 # The levers measured before the feed-forward input joined LoRA's default keep the default they changed, query and
-# value at 2e-3 (the `lora-qv-2e-3` row), so that each stays one change to what it was measured against.
-PREVIOUS_DEFAULT = ("lora.target_modules=[query,value]", "lora.learning_rate=2e-3")
+# value at 2e-3, rank 8 (the `lora-qv-2e-3` row), so that each stays one change to what it was measured against.
+PREVIOUS_DEFAULT = ("lora.target_modules=[query,value]", "lora.learning_rate=2e-3", *RANK_8)
 
 
 def previous_default(method: str, *changes: str) -> tuple[str, ...]:
@@ -140,7 +142,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
                  previous_default("method=lora", "lora.r=16", "lora.lora_alpha=32")),
     # Every linear layer at half the rate: the old default's layers and the twins' old rate, without dropout.
     "lora-all-linear-1e-3": ("LoRA on every linear layer at 1e-3 (`all-linear`, `lora.learning_rate=1e-3`)",
-                             ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3"),
+                             ("method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3", *RANK_8),
                              ("cola", "mrpc", "stsb", "sst2")),
     # The minority class weighed up (CoLA's 30% "unacceptable"): Matthews correlation rewards getting it right.
     "lora-balanced": ("LoRA with balanced class weights (`train.class_weights=balanced`)",
@@ -176,19 +178,19 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
                   previous_default("method=lora", "lora.learning_rate=1e-3")),
     # One more projection per layer, the feed-forward block's output (1,536 -> 384): a cheap share of what every
     # linear layer adapts, at the rate that suits more adapted layers.
-    "lora-ffn-out-1e-3": ("LoRA on query, value and the feed-forward output at 1e-3",
-                          ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3"),
+    "lora-ffn-out-1e-3": ("LoRA on query, value and the feed-forward output at 1e-3, rank 8",
+                          ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3", *RANK_8),
                           ("cola", "mrpc", "stsb", "sst2")),
     # The feed-forward input instead (384 -> 1,536): its adapter keeps the narrow input for backward where the
     # output's keeps the wide one, so it costs less memory (`peftune plan` on a BERT-base shape at 32 x 128:
-    # 0.66x full fine-tuning's peak against 0.74x; query and value alone 0.63x). LoRA's default since 2026-11-30
-    # (the same layers, named by architecture): its rows repeat the main tables' LoRA rows.
-    "lora-ffn-in-1e-3": ("LoRA on query, value and the feed-forward input at 1e-3",
-                         ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3"),
+    # 0.66x full fine-tuning's peak against 0.74x; query and value alone 0.63x). LoRA's default at rank 8 (the
+    # same layers, named by architecture), between the two changes of 2026-11-30.
+    "lora-ffn-in-1e-3": ("LoRA on query, value and the feed-forward input at 1e-3, rank 8 (the default before rank 16)",
+                         ("method=lora", f"lora.target_modules={FFN_IN_TARGETS}", "lora.learning_rate=1e-3", *RANK_8),
                          ("cola", "mrpc", "stsb", "sst2")),
     # The default before the feed-forward input joined it (its rows in the main tables until 2026-11-30).
-    "lora-qv-2e-3": ("LoRA on query and value at 2e-3 (the previous default)", previous_default("method=lora"),
-                     ("cola", "mrpc", "stsb", "sst2")),
+    "lora-qv-2e-3": ("LoRA on query and value at 2e-3, rank 8 (the default before the feed-forward input)",
+                     previous_default("method=lora"), ("cola", "mrpc", "stsb", "sst2")),
 }  # fmt: skip
 
 

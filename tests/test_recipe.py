@@ -56,7 +56,7 @@ def test_name_defaults_to_file_stem_and_defaults_fill_in(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL)))
     assert recipe.name == "my-run"
     assert recipe.method == "lora"
-    assert recipe.lora["r"] == 8 and recipe.lora["target_modules"] is None and recipe.lora["lora_dropout"] == 0.0
+    assert recipe.lora["r"] == 16 and recipe.lora["target_modules"] is None and recipe.lora["lora_dropout"] == 0.0
     assert recipe.train["num_train_epochs"] == 3
     assert recipe.data.text_columns == ["sentence"]
 
@@ -104,7 +104,7 @@ def test_a_method_block_merges_over_its_defaults(tmp_path):
     assert recipe.lora == {
         "learning_rate": 1e-3,
         "r": 4,
-        "lora_alpha": 16,
+        "lora_alpha": 32,
         "lora_dropout": 0.05,
         "target_modules": None,
     }
