@@ -51,7 +51,10 @@ METHODS = {
     "lora-all-linear-1e-3": ["method=lora", "lora.target_modules=all-linear", "lora.learning_rate=1e-3", *RANK_8],
     # The feed-forward output instead of its input (BERT's names): more memory (its adapter keeps the wide input).
     "lora-ffn-out-1e-3": [
-        "method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", "lora.learning_rate=1e-3", *RANK_8,
+        "method=lora",
+        f"lora.target_modules={FFN_OUT_TARGETS}",
+        "lora.learning_rate=1e-3",
+        *RANK_8,
     ],
     # Adapters on the top four of six layers only: the backward pass stops at the lowest adapted layer.
     "lora-top4": ["method=lora", "lora.layers_to_transform=[2,3,4,5]"],
