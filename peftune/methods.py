@@ -45,6 +45,9 @@ class Method:
     trains_pooler: bool = False  # BERT's pooler is trained in full with the head (modeling.head_modules)
     # Block keys that count something (a rank, a number of tokens): whole numbers of at least 1.
     counts: tuple[str, ...] = ()
+    # (key, source, factor): a block that sets `source` and not `key` gets `key` = factor x `source` (LoRA's alpha
+    # follows its rank, so that a new rank keeps the scale alpha/r that the default rate was measured with).
+    follows: tuple[tuple[str, str, int], ...] = ()
     # The block with its per-architecture defaults filled from the model (targets, sizes), as a new dict;
     # None: the block as it is.
     fill_for_model: Callable[[Method, dict[str, Any], Any, Sequence[str]], dict[str, Any]] | None = None
@@ -193,6 +196,7 @@ METHODS: dict[str, Method] = {
             own_keys=(*OWN_KEYS, "loraplus_lr_ratio"),
             trains_pooler=True,
             counts=("r",),
+            follows=(("lora_alpha", "r", 2),),
             fill_for_model=_lora_targets,
             planned=("none", "8bit", "4bit"),
         ),

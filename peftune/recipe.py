@@ -340,7 +340,13 @@ class Recipe(_WithBlocks):
         defaults = TRAIN_DEFAULTS if info.field_name == "train" else METHODS[info.field_name].defaults
         if value is None:
             return dict(defaults)
-        return {**defaults, **value} if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            return value
+        merged = {**defaults, **value}
+        for key, source, factor in () if info.field_name == "train" else METHODS[info.field_name].follows:
+            if source in value and key not in value and isinstance(value[source], int):
+                merged[key] = factor * value[source]
+        return merged
 
     def block(self, method: str) -> dict[str, Any]:
         """A method's block: its defaults with the recipe's keys over them."""

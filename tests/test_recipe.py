@@ -104,10 +104,21 @@ def test_a_method_block_merges_over_its_defaults(tmp_path):
     assert recipe.lora == {
         "learning_rate": 1e-3,
         "r": 4,
-        "lora_alpha": 32,
+        "lora_alpha": 8,  # follows the rank the block sets (twice it, as the defaults' 32 for 16)
         "lora_dropout": 0.05,
         "target_modules": None,
     }
+
+
+def test_lora_alpha_follows_a_rank_set_without_it(tmp_path):
+    path = str(write(tmp_path, MINIMAL))
+    assert load_recipe(path).lora["lora_alpha"] == 32
+    assert load_recipe(path, ["lora.r=64"]).lora["lora_alpha"] == 128
+    assert load_recipe(path, ["lora.r=64", "lora.lora_alpha=16"]).lora["lora_alpha"] == 16  # set: kept
+    alpha_only = load_recipe(path, ["lora.lora_alpha=8"]).lora
+    assert (alpha_only["r"], alpha_only["lora_alpha"]) == (16, 8)
+    with pytest.raises(PeftuneError, match=r"lora\.r must be a whole number"):
+        load_recipe(path, ["lora.r=0.5"])
 
 
 def test_override_values_are_yaml(tmp_path):
