@@ -578,8 +578,9 @@ def write_report(runs: Path, report: Path) -> None:
         "",
         "`python scripts/bench_quality.py --levers`: the task's recipe with one change each, seed 42, against "
         "the task's LoRA and full fine-tuning rows above. The LoRA levers measured before 2026-11-30 each change "
-        "the previous default, query and value at 2e-3, which keeps a row of its own: read them against that row. "
-        "Which levers are kept, and why, is in the notes.",
+        "the default of then, query and value at 2e-3, rank 8, which keeps a row of its own: read them against "
+        "that row; the rows marked rank 8 are against the default before rank 16. Which levers are kept, and why, "
+        "is in the notes.",
     ]
     for task in (t for t in TASKS if levers_of(t)):
         lines += ["", f"### {TASKS[task].title}", "", *lever_lines(task, rows.get(task, {}), results)]
