@@ -183,8 +183,9 @@ METHODS: dict[str, Method] = {
                 # the adapter keeps the narrow hidden-size input for backward, not the wide one (reports/plan.md).
                 # Against every linear layer with dropout 0.1 (the default before) it trains faster and needs
                 # less memory. 1e-3: more adapted weights, a lower rate. Rank 16 (alpha 32, the same scale as 8 and
-                # 16): against rank 8 it gained on every task and size measured (reports/quality.md) for 5 MB more in
-                # `plan` on MiniLM and a few percent more arithmetic per step (reports/step-flops.md).
+                # 16): against rank 8 it gained on SST-2, CoLA and STS-B and at every SST-2 size (MRPC level at seed
+                # 42, a point lower on three seeds' mean; reports/quality.md) for 2% more arithmetic per step
+                # (reports/step-flops.md) and under 1% more memory (reports/plan.md).
                 "learning_rate": 1.0e-3,
                 "r": 16,
                 "lora_alpha": 32,
