@@ -343,7 +343,8 @@ class Recipe(_WithBlocks):
         if not isinstance(value, dict):
             return value
         merged = {**defaults, **value}
-        for key, source, factor in () if info.field_name == "train" else METHODS[info.field_name].follows:
+        follows = METHODS[info.field_name].follows if info.field_name in METHODS else ()
+        for key, source, factor in follows:  # a key tied to another the block sets (LoRA's alpha to its rank)
             if source in value and key not in value and isinstance(value[source], int):
                 merged[key] = factor * value[source]
         return merged
