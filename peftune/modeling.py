@@ -182,9 +182,11 @@ def load_base_model(
         quantization = quantization_config(spec.quantization, skip, compute_dtype)
         device_map = {"": process_device()}
     path = local_path(spec.name_or_path, "model.name_or_path")
+    dropouts = dropout_settings(load_config(spec), spec.dropout) if spec.dropout is not None else {}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
+            **dropouts,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
             num_labels=labels.num_labels,
@@ -217,6 +219,24 @@ def load_base_model(
         _no_cpu_packing(model)
     pooling.apply(model, spec.pooling)
     return model, fresh
+
+
+def dropout_settings(config: PretrainedConfig, value: float) -> dict[str, float]:
+    """`model.dropout` as config keys: every dropout probability the family's config has (BERT's
+    `hidden_dropout_prob` and `attention_probs_dropout_prob`, DistilBERT's `dropout` and `attention_dropout`, the
+    heads' `classifier_dropout`, `seq_classif_dropout`, `pooler_dropout` ...), each set to `value`. A head whose own
+    dropout is unset (null) falls back to the hidden one, so it is set too."""
+    found = {
+        key
+        for key, held in config.to_dict().items()
+        if "dropout" in key and not isinstance(held, bool) and isinstance(held, (float, int, type(None)))
+    }
+    if not found:
+        raise PeftuneError(
+            f"model.dropout is set but the {config.model_type} config has no dropout setting to change; "
+            "remove model.dropout"
+        )
+    return dict.fromkeys(sorted(found), value)
 
 
 def int8_keeps_only_what_backward_needs() -> None:

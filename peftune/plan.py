@@ -113,6 +113,9 @@ def estimate(recipe: Recipe, config: Any = None) -> Estimate:
     problem = recipe.data.problem_type or "classification"
     num_labels = 1 if problem == "regression" else len(recipe.data.labels or ["0", "1"])
     config.num_labels = num_labels
+    if recipe.model.dropout is not None:  # the masks dropout keeps for backward are activations too
+        for key, value in modeling.dropout_settings(config, recipe.model.dropout).items():
+            setattr(config, key, value)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     prefix = f"{model.base_model_prefix}."

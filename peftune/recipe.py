@@ -88,6 +88,9 @@ class ModelSpec(_Strict):
     quantization: Literal["none", "8bit", "4bit"] = "none"
     # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling).
     pooling: Literal["cls", "mean"] = "cls"
+    # Every dropout probability of the model's config (BERT's hidden and attention dropout, DistilBERT's `dropout`,
+    # the head's), or null for the checkpoint's own.
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     trust_remote_code: bool = False
     # Pickle weight files (pytorch_model.bin) can run code when loaded: only safetensors unless this is set.
     allow_pickle: bool = False

@@ -98,6 +98,7 @@ CASES: dict[str, Case] = {
     "LoRA+ ratio below one": (lambda w: ["validate", w.recipe, "lora.loraplus_lr_ratio=0.5"], "at least 1"),
     "LoRA+ ratio in another block": (lambda w: ["validate", w.recipe, "ia3.loraplus_lr_ratio=16"], "loraplus"),
     "unknown pooling": (lambda w: ["validate", w.recipe, "model.pooling=max"], "should be 'cls' or 'mean'"),
+    "dropout of one": (lambda w: ["validate", w.recipe, "model.dropout=1"], "model.dropout must be less than 1.0"),
     "full fine-tuning in 8-bit": (lambda w: train(w, "method=full", "model.quantization=8bit"), "8bit weights"),
     "full fine-tuning in 4-bit": (lambda w: train(w, "method=full", "model.quantization=4bit"), "4bit weights"),
     "unknown quantization": (lambda w: ["validate", w.recipe, "model.quantization=3bit"], "'none', '8bit' or '4bit'"),

@@ -1,0 +1,45 @@
+"""`model.dropout`: every dropout of the model (encoder and head) set from the recipe, in every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trained import batch
+from transformers import AutoTokenizer
+
+from peftune import modeling
+from peftune.data import Labels
+from peftune.recipe import ModelSpec
+
+LABELS = Labels(names=("negative", "positive"))
+
+
+def train_mode_logits(folder, dropout: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two forward passes of the loaded classifier in training mode, on the same batch."""
+    model, _ = modeling.load_base_model(ModelSpec(name_or_path=str(folder), dropout=dropout), LABELS)
+    model.train()
+    inputs = batch(AutoTokenizer.from_pretrained(folder))
+    with torch.no_grad():
+        return model(**inputs).logits, model(**inputs).logits
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert", "deberta-v2"])
+def test_dropout_zero_makes_training_passes_repeat(tiny_models, arch):
+    folder = tiny_models(arch)
+    first, second = train_mode_logits(folder, None)  # the checkpoint's dropout (0.1, DistilBERT's head 0.2)
+    assert (first - second).abs().max().item() > 1e-4, "the checkpoint's dropout should make the passes differ"
+    first, second = train_mode_logits(folder, 0.0)
+    assert torch.equal(first, second), f"a dropout left on in {arch} with model.dropout=0"
+
+
+def test_dropout_sets_every_probability_the_config_has(tiny_models):
+    model, _ = modeling.load_base_model(ModelSpec(name_or_path=str(tiny_models("distilbert")), dropout=0.3), LABELS)
+    config = model.config
+    assert (config.dropout, config.attention_dropout, config.seq_classif_dropout) == (0.3, 0.3, 0.3)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.3}
+
+
+def test_no_dropout_setting_keeps_the_checkpoints(tiny_models):
+    model, _ = modeling.load_base_model(ModelSpec(name_or_path=str(tiny_models("bert"))), LABELS)
+    assert (model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob) == (0.1, 0.1)
