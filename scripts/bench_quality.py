@@ -192,6 +192,10 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # MRPC and STS-B (the two tasks LoRA trails most), the input on SST-2 and in memory.
     "lora-ffn-out": ("LoRA on query, value and the feed-forward output, rank 16",
                      ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}"), ("cola", "mrpc", "stsb", "sst2")),
+    # The base model's dropout off (0.1 in MiniLM's hidden states, attention and head): the adapters lose their only
+    # regulariser, and the steps the time spent drawing, applying and keeping the dropout masks (BENCHMARKS.md).
+    "lora-nodrop": ("LoRA with the model's dropout off (`model.dropout=0`)", ("method=lora", "model.dropout=0"),
+                    ("cola", "mrpc", "stsb", "sst2")),
     # The default before the feed-forward input joined it (its rows in the main tables until 2026-11-30).
     "lora-qv-2e-3": ("LoRA on query and value at 2e-3, rank 8 (the default before the feed-forward input)",
                      previous_default("method=lora"), ("cola", "mrpc", "stsb", "sst2")),
