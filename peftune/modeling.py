@@ -86,6 +86,8 @@ def check_model(recipe: Recipe, config: PretrainedConfig) -> None:
             f"data.max_length {recipe.data.max_length} is more than {config.model_type} models take ({limit} tokens); "
             f"set data.max_length to {limit} or less"
         )
+    if recipe.model.dropout is not None:
+        dropout_settings(config, recipe.model.dropout)  # a config without any says so before the data loads
     if recipe.model.quantized:
         try:
             import bitsandbytes  # noqa: F401
@@ -174,15 +176,17 @@ def load_base_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    quantization, device_map = None, None
-    if spec.quantized:
+    quantization, device_map, dropouts = None, None, {}
+    config = load_config(spec) if spec.quantized or spec.dropout is not None else None
+    if config is not None and spec.quantized:
         if spec.quantization == "8bit":
             int8_keeps_only_what_backward_needs()
-        skip = kept_in_full_precision(spec, load_config(spec))
+        skip = kept_in_full_precision(spec, config)
         quantization = quantization_config(spec.quantization, skip, compute_dtype)
         device_map = {"": process_device()}
+    if config is not None and spec.dropout is not None:
+        dropouts = dropout_settings(config, spec.dropout)
     path = local_path(spec.name_or_path, "model.name_or_path")
-    dropouts = dropout_settings(load_config(spec), spec.dropout) if spec.dropout is not None else {}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,

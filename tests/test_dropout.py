@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from trained import batch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 
 from peftune import modeling
 from peftune.data import Labels
+from peftune.errors import PeftuneError
 from peftune.recipe import ModelSpec
 
 LABELS = Labels(names=("negative", "positive"))
@@ -43,3 +44,8 @@ def test_dropout_sets_every_probability_the_config_has(tiny_models):
 def test_no_dropout_setting_keeps_the_checkpoints(tiny_models):
     model, _ = modeling.load_base_model(ModelSpec(name_or_path=str(tiny_models("bert"))), LABELS)
     assert (model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob) == (0.1, 0.1)
+
+
+def test_a_config_without_dropout_is_refused_with_the_fix():
+    with pytest.raises(PeftuneError, match=r"has no dropout setting to change; remove model\.dropout"):
+        modeling.dropout_settings(PretrainedConfig(), 0.0)
