@@ -177,15 +177,16 @@ def load_base_model(
     from transformers import AutoModelForSequenceClassification
 
     quantization, device_map, dropouts = None, None, {}
-    config = load_config(spec) if spec.quantized or spec.dropout is not None else None
-    if config is not None and spec.quantized:
-        if spec.quantization == "8bit":
-            int8_keeps_only_what_backward_needs()
-        skip = kept_in_full_precision(spec, config)
-        quantization = quantization_config(spec.quantization, skip, compute_dtype)
-        device_map = {"": process_device()}
-    if config is not None and spec.dropout is not None:
-        dropouts = dropout_settings(config, spec.dropout)
+    if spec.quantized or spec.dropout is not None:  # both are decided from the config, read once
+        config = load_config(spec)
+        if spec.dropout is not None:
+            dropouts = dropout_settings(config, spec.dropout)
+        if spec.quantized:
+            if spec.quantization == "8bit":
+                int8_keeps_only_what_backward_needs()
+            skip = kept_in_full_precision(spec, config)
+            quantization = quantization_config(spec.quantization, skip, compute_dtype)
+            device_map = {"": process_device()}
     path = local_path(spec.name_or_path, "model.name_or_path")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
