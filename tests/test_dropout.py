@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 from trained import batch
 from transformers import AutoTokenizer, PretrainedConfig
@@ -10,7 +11,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from peftune import modeling
 from peftune.data import Labels
 from peftune.errors import PeftuneError
-from peftune.recipe import ModelSpec
+from peftune.recipe import ModelSpec, load_recipe
 
 LABELS = Labels(names=("negative", "positive"))
 
@@ -49,3 +50,12 @@ def test_no_dropout_setting_keeps_the_checkpoints(tiny_models):
 def test_a_config_without_dropout_is_refused_with_the_fix():
     with pytest.raises(PeftuneError, match=r"has no dropout setting to change; remove model\.dropout"):
         modeling.dropout_settings(PretrainedConfig(), 0.0)
+
+
+def test_lora_turns_the_models_dropout_off_unless_the_recipe_sets_it(tiny_bert, reviews, tmp_path):
+    recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))  # method: lora
+    assert load_recipe(recipe).model.dropout == 0.0
+    assert load_recipe(recipe, ["model.dropout=0.1"]).model.dropout == 0.1
+    assert load_recipe(recipe, ["method=full"]).model.dropout is None  # the checkpoint's
+    assert load_recipe(recipe, ["method=prefix"]).model.dropout is None
+    assert "  dropout: 0.0\n" in load_recipe(recipe).to_yaml(), "the run's recipe.yaml says what ran"
