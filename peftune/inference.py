@@ -113,7 +113,11 @@ def _load_run_folder(path: Path) -> LoadedModel:
     else:
         from peft import PeftModel
 
-        base, _ = load_base_model(recipe.model, labels, compute_dtype(recipe.train))
+        # The checkpoint's dropout, not the run's training setting (LoRA's is off): the same model in eval mode,
+        # and a merge of it carries the checkpoint's config.
+        base, _ = load_base_model(
+            recipe.model.model_copy(update={"dropout": None}), labels, compute_dtype(recipe.train)
+        )
         model = with_attention_prefix(PeftModel.from_pretrained(base, str(weights)))
     model.eval()
     samples = run.read_samples() if run.samples_file.is_file() else []

@@ -111,10 +111,13 @@ def checked_merge(run: rundir.RunDir, recipe: Recipe, dtype: str) -> tuple[Loade
 
 
 def merged_model(run: rundir.RunDir, recipe: Recipe, labels: Labels) -> Any:
-    """The run's adapter folded into a full-precision copy of its base (a plain transformers model)."""
+    """The run's adapter folded into a full-precision copy of its base (a plain transformers model).
+
+    The base keeps its checkpoint's dropout whatever the run trained with (LoRA turns it off), as `load_target`'s
+    does: the merged model's config is the checkpoint's, for whoever fine-tunes it further."""
     from peft import PeftModel
 
-    base, _ = load_base_model(recipe.model.model_copy(update={"quantization": "none"}), labels)
+    base, _ = load_base_model(recipe.model.model_copy(update={"quantization": "none", "dropout": None}), labels)
     adapted = PeftModel.from_pretrained(base, str(run.weights_dir(is_adapter=True)))
     _keep_trained_copies(adapted)
     model = adapted.merge_and_unload()

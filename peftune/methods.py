@@ -53,6 +53,8 @@ class Method:
     fill_for_model: Callable[[Method, dict[str, Any], Any, Sequence[str]], dict[str, Any]] | None = None
     # The rows `peftune plan` shows for this method: one per base precision ("none", "8bit", "4bit").
     planned: tuple[str, ...] = ()
+    # The model's dropout (`model.dropout`) when the recipe leaves it null; None: the checkpoint's own.
+    model_dropout: float | None = None
 
     @property
     def is_adapter(self) -> bool:
@@ -200,6 +202,9 @@ METHODS: dict[str, Method] = {
             follows=(("lora_alpha", "r", 2),),
             fill_for_model=_lora_targets,
             planned=("none", "8bit", "4bit"),
+            # The frozen model's dropout off: on reports/quality.md's four tasks LoRA was as accurate or more without
+            # it, and its steps faster and lighter (no masks drawn, applied and kept for backward; BENCHMARKS.md).
+            model_dropout=0.0,
         ),
         Method(
             name="prefix",

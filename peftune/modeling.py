@@ -230,13 +230,14 @@ def dropout_settings(config: PretrainedConfig, value: float) -> dict[str, float]
     """`model.dropout` as config keys: every dropout probability the family's config has (BERT's
     `hidden_dropout_prob` and `attention_probs_dropout_prob`, DistilBERT's `dropout` and `attention_dropout`, the
     heads' `classifier_dropout`, `seq_classif_dropout`, `pooler_dropout` ...), each set to `value`. A head whose own
-    dropout is unset (null) falls back to the hidden one, so it is set too."""
+    dropout is unset (null) falls back to the hidden one, so it is set too. A config with no dropout setting has
+    nothing to turn off (0, LoRA's default, asks nothing of it) and none to set to anything else."""
     found = {
         key
         for key, held in config.to_dict().items()
         if "dropout" in key and not isinstance(held, bool) and isinstance(held, (float, int, type(None)))
     }
-    if not found:
+    if not found and value:
         raise PeftuneError(
             f"model.dropout is set but the {config.model_type} config has no dropout setting to change; "
             "remove model.dropout"

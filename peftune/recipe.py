@@ -89,7 +89,7 @@ class ModelSpec(_Strict):
     # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling).
     pooling: Literal["cls", "mean"] = "cls"
     # Every dropout probability of the model's config (BERT's hidden and attention dropout, DistilBERT's `dropout`,
-    # the head's), or null for the checkpoint's own.
+    # the head's); null: the method's choice (LoRA turns it off, the others keep the checkpoint's).
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     trust_remote_code: bool = False
     # Pickle weight files (pytorch_model.bin) can run code when loaded: only safetensors unless this is set.
@@ -251,6 +251,13 @@ class Recipe(_WithBlocks):
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}{_did_you_mean(name, METHODS)}; use one of: {', '.join(METHODS)}")
         return name
+
+    @model_validator(mode="after")
+    def _method_chooses_the_dropout(self) -> Recipe:
+        """`model.dropout` left null takes the method's (LoRA: off), so that recipe.yaml says what ran."""
+        if self.model.dropout is None and METHODS[self.method].model_dropout is not None:
+            self.model.dropout = METHODS[self.method].model_dropout
+        return self
 
     @model_validator(mode="after")
     def _quantized_needs_an_adapter(self) -> Recipe:
