@@ -403,8 +403,13 @@ class Recipe(_WithBlocks):
         """
         try:
             saved = load_recipe(str(path))
-        except PeftuneError:
+            raw_model = parse_yaml(path.read_text(encoding="utf-8"), f"recipe {path}").get("model") or {}
+        except (PeftuneError, OSError, AttributeError):
             return False
+        if raw_model.get("dropout") is None and saved.model.dropout is not None:
+            # Saved with `dropout` null or absent: a run from before a null took the method's choice (LoRA's 0),
+            # which trained with the checkpoint's dropout (a run since always has its value written).
+            saved = saved.model_copy(update={"model": saved.model.model_copy(update={"dropout": None})})
         return saved._as_trained() == self._as_trained()
 
     def _as_trained(self) -> dict[str, Any]:

@@ -99,6 +99,22 @@ def test_a_run_is_the_same_unless_what_it_trained_with_changed(tmp_path):
     assert not load_recipe(path).same_as_saved(saved)
 
 
+def test_a_lora_run_saved_before_lora_chose_its_dropout_is_not_the_default(tmp_path):
+    """A recipe.yaml with `model.dropout` null or absent trained with the checkpoint's dropout, not LoRA's 0."""
+    path = str(write(tmp_path, MINIMAL))
+    saved = tmp_path / "recipe.yaml"
+    written = load_recipe(path).to_yaml()
+    assert "  dropout: 0.0\n" in written
+    saved.write_text(written, encoding="utf-8")
+    assert load_recipe(path).same_as_saved(saved)
+    for before in ("  dropout: null\n", ""):
+        saved.write_text(written.replace("  dropout: 0.0\n", before), encoding="utf-8")
+        assert not load_recipe(path).same_as_saved(saved), "reused with the dropout on as if it were off"
+        assert not load_recipe(path, ["model.dropout=0"]).same_as_saved(saved)
+    saved.write_text(written.replace("  dropout: 0.0\n", "  dropout: 0.1\n"), encoding="utf-8")
+    assert load_recipe(path, ["model.dropout=0.1"]).same_as_saved(saved)
+
+
 def test_a_method_block_merges_over_its_defaults(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL + "lora: {r: 4}\n")), ["lora.lora_dropout=0.05"])
     assert recipe.lora == {
