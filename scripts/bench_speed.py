@@ -266,7 +266,11 @@ def write_report(path: Path, samples: int, train: dict, infer: dict, memory: dic
     from peftune.train import library_versions
 
     lora_block = METHODS["lora"].defaults
-    dropout = f"dropout {lora_block['lora_dropout']:g}" if lora_block["lora_dropout"] else "no dropout"
+    dropout = f"dropout {lora_block['lora_dropout']:g}" if lora_block["lora_dropout"] else "no adapter dropout"
+    model_dropout = METHODS["lora"].model_dropout
+    dropout += ", the model's own dropout " + (
+        "as the checkpoint has it" if model_dropout is None else "off" if model_dropout == 0 else f"{model_dropout:g}"
+    )
 
     def rate(method: str) -> str:  # 1e-3, as the recipes write it
         return f"{METHODS[method].defaults['learning_rate']:.0e}".replace("e-0", "e-")
