@@ -271,6 +271,31 @@ def _quantized_linear_bytes(model: Any, kept: list[str], kind: str = "8bit") -> 
     return fp32, sum(-(-n // 2) + -(-n // 64) + 4 * -(-n // (64 * 256)) for n in sizes)
 
 
+def _fused_attention() -> Any:
+    """A torch function mode that traces attention without dropout as torch trains it: a fused kernel that keeps
+    its query, key, value, output and one log-sum-exp per query for backward, not the batch x heads x length x
+    length attention matrix that `scaled_dot_product_attention` keeps on the meta device (it computes attention
+    step by step there). With dropout torch's CPU kernel keeps the matrix, as the step-by-step trace counts."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+    class FusedAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                call = {**dict(zip(names, args, strict=False)), **kwargs}
+                if not call.get("dropout_p") and not call.get("enable_gqa") and call["query"].dim() == 4:
+                    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                        call["query"], call["key"], call["value"], 0.0, bool(call.get("is_causal")),
+                        attn_mask=call.get("attn_mask"), scale=call.get("scale"),
+                    )[0]  # fmt: skip
+            return func(*args, **kwargs)
+
+    return FusedAttention()
+
+
 def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tuple[int, int, int]:
     """Bytes autograd saves in one training forward pass on the meta device; bytes of the layer inputs; layers."""
     import torch
@@ -287,7 +312,7 @@ def _traced_activations(model: Any, config: Any, batch: int, length: int) -> tup
     ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
     labels = torch.zeros((batch,), dtype=torch.float if config.num_labels == 1 else torch.long, device="meta")
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _fused_attention():
             model(input_ids=ids, labels=labels)
     except (RuntimeError, NotImplementedError, TypeError) as err:
         raise PeftuneError(

@@ -105,6 +105,39 @@ def test_the_plan_leaves_out_what_dropout_keeps_when_it_is_off(tiny_bert, review
     assert 0 < off.activations < 0.9 * kept.activations
 
 
+def saved_on_cpu(recipe) -> int:
+    """Bytes autograd keeps for backward in one real training forward pass on the CPU (weights not counted)."""
+    import torch
+
+    from peftune import modeling
+    from peftune.data import Labels
+
+    base, fresh = modeling.load_base_model(recipe.model, Labels(names=("negative", "positive")))
+    model = modeling.attach_method(base, recipe, fresh)
+    model.train()
+    weights = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if id(tensor) not in weights and id(tensor._base) not in weights:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    batch, length = recipe.train["per_device_train_batch_size"], recipe.data.max_length
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=torch.randint(5, 90, (batch, length)), labels=torch.zeros(batch, dtype=torch.long))
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("settings", [["model.dropout=0"], ["model.dropout=0.1"], ["method=full"]])
+def test_planned_activations_are_what_training_keeps_on_the_cpu(tiny_bert, reviews, tmp_path, settings):
+    """Without dropout torch's fused attention keeps no attention matrix, with it the step-by-step one does: the
+    plan, traced on the meta device where attention is always step by step, counts what the CPU keeps."""
+    path = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
+    recipe = load_recipe(path, ["train.per_device_train_batch_size=4", "data.max_length=64", *settings])
+    assert estimate(recipe).activations == pytest.approx(saved_on_cpu(recipe), rel=0.02)
+
+
 def test_a_token_budget_is_planned_as_its_costliest_batch(tiny_bert, reviews, tmp_path):
     """Batches of up to N tokens peak at N // max_length texts of max_length tokens, whatever the batch size."""
     recipe = str(tiny.write_recipe(tmp_path / "r.yaml", tiny_bert, *reviews))
