@@ -402,11 +402,13 @@ class Recipe(_WithBlocks):
         rate and epochs are compared as the run used them, wherever the recipe set them.
         """
         try:
-            saved = load_recipe(str(path))
-            raw_model = parse_yaml(path.read_text(encoding="utf-8"), f"recipe {path}").get("model") or {}
-        except (PeftuneError, OSError, AttributeError):
+            raw = _read_raw(path)
+            model = raw.get("model")
+            dropout_unset = not isinstance(model, dict) or model.get("dropout") is None
+            saved = parse_recipe(raw)
+        except PeftuneError:
             return False
-        if raw_model.get("dropout") is None and saved.model.dropout is not None:
+        if dropout_unset and saved.model.dropout is not None:
             # Saved with `dropout` null or absent: a run from before a null took the method's choice (LoRA's 0),
             # which trained with the checkpoint's dropout (a run since always has its value written).
             saved = saved.model_copy(update={"model": saved.model.model_copy(update={"dropout": None})})
@@ -502,6 +504,15 @@ def find_recipe(ref: str) -> Path:
 def load_recipe(ref: str, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe (name or path), apply `key=value` overrides, and check it against the schema."""
     path = find_recipe(ref)
+    raw = _read_raw(path)
+    for item in overrides:
+        apply_override(raw, item)
+    _anchor_paths(raw, Path.cwd())
+    return parse_recipe(raw)
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    """A recipe file as a mapping, its relative paths anchored at its folder, its name defaulting to the file's."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -512,11 +523,8 @@ def load_recipe(ref: str, overrides: Sequence[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise PeftuneError(f"recipe {path} must be a YAML mapping of keys to values, not a {type(raw).__name__}")
     _anchor_paths(raw, path.parent)
-    for item in overrides:
-        apply_override(raw, item)
-    _anchor_paths(raw, Path.cwd())
     raw.setdefault("name", path.stem)
-    return parse_recipe(raw)
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
