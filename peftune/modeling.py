@@ -222,7 +222,7 @@ def load_base_model(
     if spec.quantized:
         _check_full_precision(model, fresh)
         _no_cpu_packing(model)
-    pooling.apply(model, spec.pooling)
+    pooling.apply(model, spec.pooling or pooling.of_checkpoint(spec))
     return model, fresh
 
 

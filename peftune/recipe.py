@@ -86,8 +86,9 @@ class ModelSpec(_Strict):
     revision: str | None = None
     # The base's linear layers as bitsandbytes int8 or NF4 (QLoRA), for adapter methods; the head stays float.
     quantization: Literal["none", "8bit", "4bit"] = "none"
-    # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling).
-    pooling: Literal["cls", "mean"] = "cls"
+    # What the head reads: the first token (transformers' heads) or the mean of all tokens (peftune.pooling);
+    # null: what the checkpoint was trained with (the mean for sentence-transformers models that average).
+    pooling: Literal["cls", "mean"] | None = None
     # Every dropout probability of the model's config (BERT's hidden and attention dropout, DistilBERT's `dropout`,
     # the head's); null: the method's choice (LoRA turns it off, the others keep the checkpoint's).
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
@@ -417,6 +418,10 @@ class Recipe(_WithBlocks):
     def _as_trained(self) -> dict[str, Any]:
         """The resolved settings that reach a run of this recipe (see `same_as_saved`)."""
         settings = self.model_dump(exclude={"name", "output_dir", *(name for name in METHODS if name != self.method)})
+        if self.model.pooling is None:  # a run records the checkpoint's pooling it resolved to
+            from peftune.pooling import of_checkpoint
+
+            settings["model"]["pooling"] = of_checkpoint(self.model)
         used = {"learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs}
         for key in used:  # set in the method's block or the train block: compared where the run took it from
             settings[self.method].pop(key, None)

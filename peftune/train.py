@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peftune import card, data, losses, metrics, modeling, plan, rundir, trainer
+from peftune import card, data, losses, metrics, modeling, plan, pooling, rundir, trainer
 from peftune.batching import LengthBucketSampler, TokenBudgetBatches, auto_budget
 from peftune.data import Labels
 from peftune.methods import METHODS
@@ -84,6 +84,7 @@ def train(
     recipe, fitted = _fit_to_memory(recipe, fit)
     check_passthrough(recipe)  # a mistake in the recipe first: before a clash of folders, before any output
     modeling.check_model(recipe, modeling.load_config(recipe.model))
+    recipe = pooling.resolved(recipe)  # null: the checkpoint's own, which recipe.yaml records
     checkpoint = trainer.resume_point(run, recipe, resume, overwrite)
     if announce is not None:
         announce(recipe, run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -120,3 +121,98 @@ def test_the_pushed_card_says_how_to_load_it_and_that_way_works(mean_run, tmp_pa
     with torch.no_grad():
         logits = model(**batch(AutoTokenizer.from_pretrained(folder))).logits
     assert (logits - trained).abs().max().item() < 1e-5
+
+
+# --- the default: what the checkpoint was trained with ---------------------------------------------------------
+
+
+def laid_out_as_sentence_transformers(tiny_bert, folder, **mode):
+    """A copy of the tiny BERT as sentence-transformers saves a model: modules.json names its Pooling module."""
+    shutil.copytree(tiny_bert, folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **mode}))
+    return folder
+
+
+ALL_OFF = {f"pooling_mode_{m}": False for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ({**ALL_OFF, "pooling_mode_mean_tokens": True}, "mean"),  # all-MiniLM-L6-v2, all-mpnet-base-v2, e5
+        ({**ALL_OFF, "pooling_mode_cls_token": True}, "cls"),  # bge
+        ({**ALL_OFF, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "cls"),  # not a plain mean
+        ({"pooling_mode": "mean"}, "mean"),
+        ({"pooling_mode": "lasttoken"}, "cls"),
+        (None, "cls"),  # no modules.json: a plain transformers checkpoint
+    ],
+)
+def test_a_checkpoint_is_read_the_way_it_was_trained(tiny_bert, tmp_path, mode, expected):
+    from peftune.recipe import ModelSpec
+
+    folder = tmp_path / "model"
+    if mode is None:
+        shutil.copytree(tiny_bert, folder)
+    else:
+        laid_out_as_sentence_transformers(tiny_bert, folder, **mode)
+    assert pooling.of_checkpoint(ModelSpec(name_or_path=str(folder))) == expected
+
+
+def test_a_merged_models_recorded_pooling_is_its_own(mean_run, tmp_path):
+    from peftune.recipe import ModelSpec
+
+    merged = merge_adapter(mean_run[0], output=tmp_path / "merged")  # config.json: classifier_pooling mean
+    assert pooling.of_checkpoint(ModelSpec(name_or_path=str(merged))) == "mean"
+
+
+def test_a_hub_checkpoint_out_of_reach_is_read_by_its_first_token_with_a_line_saying_so(monkeypatch, caplog):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from peftune.recipe import ModelSpec
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert pooling.of_checkpoint(ModelSpec(name_or_path="tester/offline-model")) == "cls"
+    assert "set model.pooling: mean" in caplog.text
+
+    def config_only(repo_id, filename, **kwargs):  # reached: a repository with no sentence-transformers files
+        raise EntryNotFoundError(filename)
+
+    caplog.clear()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_only)
+    assert pooling.of_checkpoint(ModelSpec(name_or_path="tester/plain-model")) == "cls"
+    assert caplog.text == ""
+
+
+def test_a_run_on_a_mean_trained_checkpoint_reads_the_mean_unless_told(tmp_path, tiny_bert, reviews):
+    from peftune.recipe import load_recipe
+
+    model = laid_out_as_sentence_transformers(
+        tiny_bert, tmp_path / "model", **{**ALL_OFF, "pooling_mode_mean_tokens": True}
+    )
+    runs = {}
+    for name, overrides in {"default": (), "mean": ("model.pooling=mean",), "cls": ("model.pooling=cls",)}.items():
+        (tmp_path / name).mkdir()
+        runs[name] = train_tiny(tmp_path / name, model, reviews, *overrides)
+    run, recorder = runs["default"]
+    recipe = load_recipe(str(run.recipe_file))
+    assert recipe.model.pooling == "mean"  # the run folder says what the head read
+    assert torch.equal(recorder.logits, runs["mean"][1].logits)
+    assert (recorder.logits - runs["cls"][1].logits).abs().max().item() > 1e-4
+    assert (reloaded_logits(run) - recorder.logits).abs().max().item() < 1e-5
+    # A run trained before the default (recipe.yaml: cls) is not this recipe's run; one that says mean is.
+    as_trained = ("data.max_train_samples=24", "train.eval_strategy=no", "train.save_strategy=no")  # train_tiny's
+    default = load_recipe(str(tmp_path / "default" / "recipe.yaml"), as_trained)
+    assert default.model.pooling is None
+    assert default.same_as_saved(run.recipe_file)
+    assert not default.same_as_saved(runs["cls"][0].recipe_file)

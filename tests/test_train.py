@@ -10,6 +10,7 @@ import tiny
 import torch
 import yaml
 
+from peftune import pooling
 from peftune.errors import PeftuneError
 from peftune.methods import METHODS
 from peftune.predict import predict_texts
@@ -61,7 +62,8 @@ def test_lora_run_folder_reloads_to_the_same_model(tmp_path, tiny_bert, reviews)
     resolved = load_recipe(str(run / "recipe.yaml"))
     given = load_recipe(str(tmp_path / "recipe.yaml"), ["train.num_train_epochs=2", "seed=3"])
     assert resolved.output_dir == str(run), "the folder the run used"
-    assert resolved.model_copy(update={"output_dir": None}) == given
+    assert resolved.model_copy(update={"output_dir": None}) == pooling.resolved(given)
+    assert given.model.pooling is None and resolved.model.pooling == "cls", "the checkpoint's pooling, written out"
     assert resolved.lora["r"] == METHODS["lora"].defaults["r"], "the defaults are written out"
 
     labels = json.loads((run / "labels.json").read_text())
