@@ -133,7 +133,7 @@ def _checkpoint_json(name: str, revision: str | None, filename: str) -> Any:
         raise _Unreachable(filename, "offline and not in the cache") from err
     except EntryNotFoundError:  # the repository has no such file
         return None
-    except Exception as err:  # offline and not cached, a private repository, no such repository, ...
+    except Exception as err:  # no network, a gated or private repository, no such repository, ...
         raise _Unreachable(filename, type(err).__name__) from None
 
 

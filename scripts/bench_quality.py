@@ -560,8 +560,9 @@ def write_report(runs: Path, report: Path) -> None:
         "`mrpc-minilm` and `stsb-minilm` (three epochs each; prefix tuning ten on CoLA and MRPC, as their recipes "
         "set `prefix.num_train_epochs`), with `method` switched and every other setting "
         "left as shipped: each method's own learning rate as the recipe sets it (in the tables), batch 32 (16 for "
-        "the pairs) in length-bucketed random order, seed 42. "
-        "CoLA keeps its best epoch by Matthews correlation; the others report the last "
+        "the pairs) in length-bucketed random order, seed 42, the head reading the mean of the tokens (MiniLM's "
+        "own pooling, which `model.pooling` left null takes; [CLS] until 2026-11-30: the `full-cls` and "
+        "`lora-cls` levers). CoLA keeps its best epoch by Matthews correlation; the others report the last "
         "epoch. One run per cell: differences of a point or two on the small dev sets (408 MRPC pairs, "
         "1,043 CoLA sentences, 872 SST-2 sentences) are within seed noise.",
         "",
