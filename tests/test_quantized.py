@@ -193,8 +193,12 @@ def test_a_frozen_int8_layer_keeps_no_input_for_backward_and_gives_the_same_grad
     import gc
     import weakref
 
+    from packaging.version import Version
+
     from peftune.modeling import int8_keeps_only_what_backward_needs
 
+    if Version(bnb.__version__) < Version("0.48"):
+        pytest.skip("bitsandbytes 0.47 multiplies int8 inputs in float16 on the CPU and keeps no input to drop")
     torch.manual_seed(0)
     layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False, threshold=0.0)
     layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
