@@ -60,18 +60,19 @@ def _row(name: str, runs: Path, columns: tuple[str, ...]) -> tuple[str, dict]:
 
 
 def _seed_table(runs: Path, saved: dict) -> str:
-    """One row per method: F1 of "yes" at seed 42 and each of SEEDS, their mean and spread."""
+    """One row per method: F1 of "yes" at seed 42 (the main rows, already in `saved`) and each of SEEDS, with their
+    mean and spread once all are in; the seed runs' metrics join `saved`."""
     lines = []
     for method, label in (("lora", "LoRA"), ("full", "full fine-tuning")):
-        scores = []
+        cells, scores = [], []
         for name in (f"urgent-{method}", *(f"urgent-{method}-seed{s}" for s in SEEDS)):
             file = runs / name / rundir.METRICS_FILE
-            if file.is_file():
-                m = Metrics.from_json(json.loads(file.read_text()))
-                scores.append(100 * m.eval["f1"])
-                saved.setdefault(name, {"metrics": m.to_json()})
-        cells = [f"{v:.2f}" for v in scores] + ["not run yet"] * (1 + len(SEEDS) - len(scores))
-        done = len(scores) == 1 + len(SEEDS)
+            if name not in saved and file.is_file():
+                saved[name] = {"metrics": Metrics.from_json(json.loads(file.read_text())).to_json()}
+            if name in saved:
+                scores.append(100 * saved[name]["metrics"]["eval"]["f1"])
+            cells.append(f"{scores[-1]:.2f}" if name in saved else "not run yet")
+        done = len(scores) == len(cells)
         summary = f"{sum(scores) / len(scores):.2f} | {max(scores) - min(scores):.2f}" if done else " | "
         lines.append(f"| {label} | {' | '.join(cells)} | {summary} |")
     return "\n".join(lines)
